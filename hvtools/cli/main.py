@@ -1,0 +1,490 @@
+"""The ``hvtools`` command line: parse, call the library, print. The only layer that prints.
+
+Every :class:`~hvtools.errors.HvError` becomes one red line on stderr and the error's exit status
+(2 for bad input and wrong state); commands that read state take ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from hvtools import __version__
+from hvtools.errors import HvError, SpecError, UnknownVmError, UsageError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DRIVERS = ("qemu", "libvirt")
+
+
+class HvGroup(click.Group):
+    """A click group that turns HvError into one red line and its exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HvError as e:
+            err.print(f"[red]error:[/red] {_one_line(str(e))}", markup=True)
+            if os.environ.get("HVTOOLS_DEBUG"):
+                raise
+            sys.exit(e.exit_status)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "unknown error"
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+@contextmanager
+def _status(message: str, *, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr for long waits; yields a function that updates its text."""
+    if not enabled or not err.is_terminal:
+        yield lambda msg: None
+        return
+    with err.status(message) as st:
+        yield lambda msg: st.update(msg)
+
+
+# -- drivers ------------------------------------------------------------------------------------
+def _driver(kind: str) -> Any:
+    if kind == "qemu":
+        from hvtools.control.qemu_driver import QemuDriver
+
+        return QemuDriver()
+    if kind == "libvirt":
+        from hvtools.control.libvirt_driver import LibvirtDriver
+
+        return LibvirtDriver()
+    raise UsageError(f"unknown driver {kind!r} (known: {', '.join(DRIVERS)})")
+
+
+def _driver_for(name: str, explicit: str | None) -> Any:
+    """The driver that holds VM ``name``: the one asked for, else qemu, else a running libvirtd."""
+    if explicit:
+        return _driver(explicit)
+    from hvtools.control.qemu_driver import QemuDriver
+
+    qd = QemuDriver()
+    if (qd.root / name / "spec.json").exists():
+        return qd
+    from hvtools.libvirt.daemon import libvirtd_status
+
+    if libvirtd_status().get("reachable"):
+        lv = _driver("libvirt")
+        try:
+            lv.info(name)
+            return lv
+        except UnknownVmError:
+            pass
+    raise UnknownVmError(f"no VM named {name!r} (hvtools vm list)")
+
+
+def driver_option(f: F) -> F:
+    return click.option("--driver", type=click.Choice(DRIVERS), default=None,
+                        envvar="HVTOOLS_DRIVER",
+                        help="qemu (embedded, default) or libvirt (qemu:///system).")(f)
+
+
+def json_option(f: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+
+
+# -- root ---------------------------------------------------------------------------------------
+@click.group(cls=HvGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hvtools")
+def main() -> None:
+    """hvtools: boot, inspect and migrate QEMU/KVM lab guests."""
+
+
+# -- vm -----------------------------------------------------------------------------------------
+@main.group(cls=HvGroup)
+def vm() -> None:
+    """Create, start, inspect and stop VMs."""
+
+
+def spec_options(f: F) -> F:
+    opts = [
+        click.option("--spec", "spec_file", type=click.Path(path_type=Path),
+                     help="A TOML VM spec; flags override its values."),
+        click.option("--memory", help="Guest RAM, e.g. 512M or 1G (default 1G)."),
+        click.option("--vcpus", type=int, help="Number of vCPUs (default 2)."),
+        click.option("--iommu", help="none | legacy | scalable[,pasid][,flts][,caching-mode]"
+                     "[,device-iotlb][,no-intremap] (default scalable,pasid,flts)."),
+        click.option("--accel", help="auto | tcg | kvm (default auto: KVM only if a probe "
+                     "guest runs under it)."),
+        click.option("--kernel-args", help="Extra guest kernel arguments, space separated."),
+        click.option("--device", "devices", multiple=True,
+                     help="virtio-rng | virtio-net | virtio-blk:PATH (repeatable)."),
+        click.option("--ivshmem", "ivshmem", multiple=True,
+                     help="NAME:SIZE shared-memory region at /dev/shm/NAME (repeatable)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _parse_device(text: str, index: int) -> dict[str, Any]:
+    kind, _, path = text.partition(":")
+    d: dict[str, Any] = {"type": kind}
+    if path:
+        d["path"] = path
+    return d
+
+
+def _build_spec(name: str, spec_file: Path | None, flags: dict[str, Any]) -> Any:
+    from hvtools.spec import apply_overrides, spec_from_mapping
+
+    data: dict[str, Any] = {}
+    if spec_file is not None:
+        import tomllib
+
+        try:
+            data = tomllib.loads(spec_file.read_text())
+        except FileNotFoundError:
+            raise SpecError("spec", f"no such file: {spec_file}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise SpecError("spec", f"{spec_file}: not valid TOML: {e}") from e
+    over: dict[str, Any] = {
+        "memory": flags.get("memory"), "vcpus": flags.get("vcpus"),
+        "iommu": flags.get("iommu"), "accel": flags.get("accel"),
+        "kernel_args": flags.get("kernel_args"),
+        "devices": [_parse_device(d, i) for i, d in enumerate(flags.get("devices") or ())] or None,
+        "ivshmem": [dict(zip(("name", "size"), r.split(":", 1), strict=False))
+                    for r in flags.get("ivshmem") or ()] or None,
+    }
+    return spec_from_mapping(apply_overrides(data, over), name=name)
+
+
+def _spec_flags_given(spec_file: Path | None, flags: dict[str, Any]) -> bool:
+    return spec_file is not None or any(v not in (None, ()) for v in flags.values())
+
+
+def _print_vm(info: Any) -> None:
+    t = Table.grid(padding=(0, 2))
+    j = info.to_json()
+    for key in ("name", "driver", "state", "pid", "accel", "memory", "vcpus", "iommu",
+                "state_dir", "console_log", "detail"):
+        if j.get(key) not in (None, ""):
+            t.add_row(f"[bold]{key}[/bold]", str(j[key]))
+    out.print(t)
+    if info.log_tail:
+        out.print("[bold]last log lines:[/bold]")
+        for ln in info.log_tail:
+            out.print(f"  {ln}", markup=False)
+
+
+@vm.command("create")
+@click.argument("name")
+@spec_options
+@driver_option
+@json_option
+def vm_create(name: str, spec_file: Path | None, driver: str | None, as_json: bool,
+              **flags: Any) -> None:
+    """Define a VM without starting it."""
+    spec = _build_spec(name, spec_file, flags)
+    info = _driver(driver or "qemu").create(spec)
+    if as_json:
+        _emit_json(info.to_json())
+    else:
+        out.print(f"created {name} ({info.driver})")
+
+
+@vm.command("start")
+@click.argument("name")
+@spec_options
+@driver_option
+@json_option
+@click.option("--timings", is_flag=True, help="Print boot-to-agent-ready timings.")
+@click.option("--boot-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the guest agent.")
+def vm_start(name: str, spec_file: Path | None, driver: str | None, as_json: bool,
+             timings: bool, boot_timeout: float, **flags: Any) -> None:
+    """Start a VM, creating it first when NAME is new; waits until its guest agent answers."""
+    created = False
+    try:
+        drv = _driver_for(name, driver)
+        if _spec_flags_given(spec_file, flags):
+            raise UsageError(f"VM {name!r} already exists; its spec is fixed "
+                             f"(hvtools vm rm {name} to redefine it)")
+    except UnknownVmError:
+        drv = _driver(driver or "qemu")
+        drv.create(_build_spec(name, spec_file, flags))
+        created = True
+    try:
+        with _status(f"starting {name}", enabled=not as_json) as update:
+            info, tm = drv.start(name, progress=update, boot_timeout=boot_timeout)
+    except BaseException:
+        if created:  # a failed first start leaves nothing behind, not even the definition
+            drv.undefine(name)
+        raise
+    if as_json:
+        _emit_json({**info.to_json(), "timings": tm.to_json()})
+        return
+    out.print(f"started {name} ({info.driver}, {info.accel}, pid {info.pid})")
+    if timings:
+        out.print(f"  QEMU up: {tm.launched_s:.2f}s   boot-to-agent-ready: "
+                  f"{tm.agent_ready_s:.2f}s")
+
+
+@vm.command("stop")
+@click.argument("name")
+@driver_option
+@json_option
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+def vm_stop(name: str, driver: str | None, as_json: bool, timeout: float) -> None:
+    """Stop a VM cleanly (guest poweroff, then ACPI, then kill)."""
+    drv = _driver_for(name, driver)
+    with _status(f"stopping {name}", enabled=not as_json) as update:
+        how = drv.stop(name, timeout=timeout, progress=update)
+    if as_json:
+        _emit_json({"name": name, "stopped_by": how})
+    else:
+        out.print(f"stopped {name} ({how})")
+
+
+@vm.command("kill")
+@click.argument("name")
+@driver_option
+def vm_kill(name: str, driver: str | None) -> None:
+    """Kill a VM's QEMU at once; also cleans up after a crashed VM."""
+    _driver_for(name, driver).kill(name)
+    out.print(f"killed {name}")
+
+
+@vm.command("rm")
+@click.argument("name")
+@driver_option
+def vm_rm(name: str, driver: str | None) -> None:
+    """Forget a stopped VM (its definition and state dir)."""
+    _driver_for(name, driver).undefine(name)
+    out.print(f"removed {name}")
+
+
+@vm.command("list")
+@driver_option
+@json_option
+def vm_list(driver: str | None, as_json: bool) -> None:
+    """List VMs (both drivers unless --driver is given; libvirt only if libvirtd runs)."""
+    infos: list[Any] = []
+    kinds = [driver] if driver else ["qemu", "libvirt"]
+    for kind in kinds:
+        if kind == "libvirt" and not driver:
+            from hvtools.libvirt.daemon import libvirtd_status
+
+            if not libvirtd_status().get("reachable"):
+                continue
+        infos += _driver(kind).list()
+    if as_json:
+        _emit_json([i.to_json() for i in infos])
+        return
+    t = Table("NAME", "DRIVER", "STATE", "PID", "ACCEL", "MEMORY", "VCPUS", "IOMMU", "DETAIL")
+    from hvtools.spec import format_size
+
+    for i in infos:
+        color = {"running": "green", "crashed": "red"}.get(str(i.state), "")
+        state = f"[{color}]{i.state}[/{color}]" if color else str(i.state)
+        t.add_row(i.name, i.driver, state, str(i.pid or "-"), i.accel or "-",
+                  format_size(i.spec.memory), str(i.spec.vcpus),
+                  i.spec.iommu.shorthand if i.spec.iommu else "none", i.detail)
+    out.print(t)
+
+
+@vm.command("show")
+@click.argument("name")
+@driver_option
+@json_option
+def vm_show(name: str, driver: str | None, as_json: bool) -> None:
+    """Show one VM's state, spec and, if it crashed, its last log lines."""
+    info = _driver_for(name, driver).info(name)
+    if as_json:
+        _emit_json(info.to_json())
+    else:
+        _print_vm(info)
+
+
+@vm.command("console")
+@click.argument("name")
+@driver_option
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new output (Ctrl-C to stop).")
+@click.option("-n", "--lines", type=int, default=0, help="Only the last N lines.")
+def vm_console(name: str, driver: str | None, follow: bool, lines: int) -> None:
+    """Print the guest's serial console log."""
+    info = _driver_for(name, driver).info(name)
+    if info.console_log is None or not info.console_log.exists():
+        raise UsageError(f"VM {name!r} has no console log yet")
+    with open(info.console_log, "rb") as fh:
+        data = fh.read()
+        if lines:
+            data = b"\n".join(data.splitlines()[-lines:]) + b"\n"
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        while follow:
+            chunk = fh.read()
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.2)
+
+
+@vm.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@driver_option
+@json_option
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+def vm_exec(name: str, command: tuple[str, ...], driver: str | None, as_json: bool,
+            timeout: float) -> None:
+    """Run COMMAND in the guest (after --); exit with its status."""
+    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    res = _driver_for(name, driver).exec(name, list(command), timeout=timeout, stdin=stdin)
+    if as_json:
+        _emit_json({"argv": list(res.argv), "status": res.status, "timed_out": res.timed_out,
+                    "duration_s": round(res.duration_s, 4),
+                    "stdout": res.stdout.decode(errors="replace"),
+                    "stderr": res.stderr.decode(errors="replace")})
+    else:
+        sys.stdout.buffer.write(res.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(res.stderr)
+        sys.stderr.flush()
+        if res.timed_out:
+            err.print(f"[red]error:[/red] command timed out after {timeout:.0f}s")
+    sys.exit(res.status)
+
+
+@vm.command("qmp")
+@click.argument("name")
+@click.argument("command")
+@click.argument("arguments", required=False)
+@driver_option
+def vm_qmp(name: str, command: str, arguments: str | None, driver: str | None) -> None:
+    """Send one raw QMP COMMAND (ARGUMENTS as a JSON object) and print the reply."""
+    args = None
+    if arguments:
+        try:
+            args = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"QMP arguments are not JSON: {e}") from e
+        if not isinstance(args, dict):
+            raise UsageError("QMP arguments must be a JSON object")
+    click.echo(_driver_for(name, driver).qmp_text(name, command, args))
+
+
+# -- image --------------------------------------------------------------------------------------
+@main.group(cls=HvGroup)
+def image() -> None:
+    """Build and inspect the guest image (Debian cloud kernel + busybox initramfs)."""
+
+
+@image.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even if the cached image matches.")
+@json_option
+def image_build(force: bool, as_json: bool) -> None:
+    """Build the guest image (cached by its inputs under $HVTOOLS_HOME/images)."""
+    from hvtools.guest.image import build_image
+
+    with _status("building guest image", enabled=not as_json) as update:
+        img = build_image(force=force, progress=update)
+    if as_json:
+        _emit_json(img.to_json())
+    else:
+        out.print(f"image {img.key}: kernel {img.kernel_version}, initrd {img.initrd}")
+
+
+@image.command("show")
+@json_option
+def image_show(as_json: bool) -> None:
+    """Show the current guest image."""
+    from hvtools.guest.image import find_image
+
+    img = find_image()
+    if as_json:
+        _emit_json(img.to_json())
+        return
+    t = Table.grid(padding=(0, 2))
+    for k, v in img.to_json().items():
+        t.add_row(f"[bold]{k}[/bold]", json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    out.print(t)
+
+
+# -- iommu --------------------------------------------------------------------------------------
+@main.group(cls=HvGroup)
+def iommu() -> None:
+    """Inspect a guest's vIOMMU."""
+
+
+@iommu.command("caps")
+@click.argument("name")
+@driver_option
+@json_option
+def iommu_caps(name: str, driver: str | None, as_json: bool) -> None:
+    """Decode VT-d CAP/ECAP (VT-d 4.x s11.4.2-3) from the guest kernel and from MMIO."""
+    from hvtools.control.iommu_caps import read_caps
+    from hvtools.iommu.regs import CapReg, EcapReg
+
+    rep = read_caps(_driver_for(name, driver), name)
+    if as_json:
+        _emit_json(rep.to_json())
+        return
+    for src, c in rep.sources.items():
+        out.print(f"{src:12} cap {c.cap:#018x}  ecap {c.ecap:#018x}")
+    verdict = "[green]agree[/green]" if rep.agree else "[red]DISAGREE[/red]"
+    out.print(f"sources {verdict}")
+    for note in rep.notes:
+        out.print(f"[yellow]note:[/yellow] {note}")
+    caps = rep.caps
+    for reg, value in ((CapReg, caps.cap), (EcapReg, caps.ecap)):
+        t = Table(title=f"{reg.__name__} = {value:#018x}", title_justify="left")
+        t.add_column("field")
+        t.add_column("bits", justify="right")
+        t.add_column("value", justify="right")
+        t.add_column("meaning")
+        for f in reg.FIELDS:
+            v = f.get(value)
+            bits = f"{f.lo}" if f.lo == f.hi else f"{f.hi}:{f.lo}"
+            t.add_row(f.name, bits, f"{v:#x}" if f.width > 1 else str(v), f.doc,
+                      style="bold" if v else "dim")
+        out.print(t)
+    d = caps.to_json()["derived"]
+    out.print(f"address widths {d['address_widths']}, MGAW {d['mgaw_bits']} bits, "
+              f"PASID {d['pasid_bits']} bits, {d['domains']} domains")
+
+
+# -- doctor -------------------------------------------------------------------------------------
+@main.command("doctor")
+@json_option
+def doctor(as_json: bool) -> None:
+    """Check what this host can do, with the reason for each verdict."""
+    from hvtools.control.doctor import run_checks
+
+    with _status("checking host", enabled=not as_json):
+        checks = run_checks()
+    if as_json:
+        _emit_json([c.to_json() for c in checks])
+        return
+    t = Table("CHECK", "", "VERDICT", "REASON")
+    for c in checks:
+        mark = {True: "[green]ok[/green]", False: "[red]no[/red]", None: "[blue]--[/blue]"}[c.ok]
+        t.add_row(c.name, mark, c.summary, c.reason)
+    out.print(t)
+
+
+if __name__ == "__main__":
+    main()

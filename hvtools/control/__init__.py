@@ -1,0 +1,1 @@
+"""Orchestration: VM drivers, accelerator probing, health checks."""

@@ -1,0 +1,259 @@
+"""The driver interface: one VM lifecycle, two backends (the embedded qemu driver and libvirt).
+
+A driver owns where VMs are defined and how their hypervisor runs. What every driver shares, the
+guest agent, boot timing, the clean-stop ladder, lives here once; a backend supplies the
+primitives (``_launch``, ``_process_alive``, ``_qmp``, ...).
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from hvtools.errors import (
+    AgentError,
+    HvError,
+    HvTimeout,
+    StateError,
+    VmCrashed,
+    VmLaunchFailure,
+)
+from hvtools.guest.agent import AgentClient, ExecResult, wait_for_agent
+from hvtools.spec import VmSpec
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+class VmState(StrEnum):
+    """Lifecycle states. ``running``/``paused``/``shutdown`` are QEMU's own RunState strings."""
+
+    DEFINED = "defined"  # created, never started or cleanly stopped
+    RUNNING = "running"
+    PAUSED = "paused"
+    CRASHED = "crashed"  # the hypervisor process died without a clean stop
+
+    @property
+    def active(self) -> bool:
+        return self in (VmState.RUNNING, VmState.PAUSED)
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """What ``vm list``/``vm show`` report about one VM."""
+
+    name: str
+    driver: str
+    state: VmState
+    spec: VmSpec
+    pid: int | None = None
+    accel: str | None = None
+    state_dir: Path | None = None
+    console_log: Path | None = None
+    agent_socket: Path | None = None
+    detail: str = ""  # e.g. why it is crashed
+    log_tail: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "driver": self.driver, "state": str(self.state),
+            "pid": self.pid, "accel": self.accel,
+            "memory": self.spec.memory, "vcpus": self.spec.vcpus,
+            "iommu": self.spec.iommu.shorthand if self.spec.iommu else "none",
+            "state_dir": str(self.state_dir) if self.state_dir else None,
+            "console_log": str(self.console_log) if self.console_log else None,
+            "detail": self.detail, "log_tail": list(self.log_tail),
+            "spec": self.spec.to_mapping(),
+        }
+
+
+@dataclass
+class StartTimings:
+    """Wall-clock phases of one start, in seconds from the launch call."""
+
+    launched_s: float = 0.0  # hypervisor process running (QMP answers)
+    agent_ready_s: float = 0.0  # guest agent answered its first ping
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, float]:
+        return {"launched_s": round(self.launched_s, 3),
+                "agent_ready_s": round(self.agent_ready_s, 3),
+                **{k: round(v, 3) for k, v in self.phases.items()}}
+
+
+#: How long a guest may take from launch to a live agent. TCG boots in ~3-5 s here.
+DEFAULT_BOOT_TIMEOUT = 120.0
+
+
+class Driver(abc.ABC):
+    """Backend-independent VM lifecycle. Subclasses implement the abstract primitives."""
+
+    name: str = "abstract"
+
+    # -- primitives -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def create(self, spec: VmSpec) -> VmInfo:
+        """Define a VM. Raises NameInUseError if the name exists. Starts nothing."""
+
+    @abc.abstractmethod
+    def undefine(self, name: str) -> None:
+        """Forget a VM that is not running."""
+
+    @abc.abstractmethod
+    def info(self, name: str) -> VmInfo:
+        """Current state of one VM. Raises UnknownVmError."""
+
+    @abc.abstractmethod
+    def list(self) -> list[VmInfo]:
+        """All VMs of this driver."""
+
+    @abc.abstractmethod
+    def _launch(self, name: str, progress: Progress) -> VmInfo:
+        """Start the hypervisor for a defined VM; return once it runs (not yet booted).
+
+        On failure it must leave nothing behind (no process, socket or domain) and raise
+        VmLaunchFailure carrying the command and the log tail.
+        """
+
+    @abc.abstractmethod
+    def _process_alive(self, name: str) -> bool:
+        """Whether the VM's hypervisor process still runs."""
+
+    @abc.abstractmethod
+    def _force_off(self, name: str) -> None:
+        """Kill the hypervisor at once and clean its runtime state (sockets, pid, domain)."""
+
+    @abc.abstractmethod
+    def _wait_exit(self, name: str, timeout: float) -> bool:
+        """Wait for the hypervisor to exit by itself; True if it did, cleaning up after it."""
+
+    @abc.abstractmethod
+    def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        """Send one QMP command; return its ``return`` value or raise QmpError."""
+
+    @abc.abstractmethod
+    def hmp(self, name: str, command_line: str) -> str:
+        """Run one human-monitor command (through QMP) and return its text."""
+
+    # -- shared behaviour -------------------------------------------------------------------
+    def _require_active(self, name: str) -> VmInfo:
+        vm = self.info(name)
+        if vm.state is VmState.CRASHED:
+            raise VmCrashed(name, vm.log_tail)
+        if not vm.state.active:
+            raise StateError(f"VM {name!r} is {vm.state}; it must be running "
+                             f"(hvtools vm start {name})")
+        return vm
+
+    def start(self, name: str, *, progress: Progress = _quiet,
+              boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> tuple[VmInfo, StartTimings]:
+        """Start a defined VM and wait until its guest agent answers.
+
+        A start that fails at any point kills what it started and raises; the VM stays defined.
+        """
+        vm = self.info(name)
+        if vm.state.active:
+            raise StateError(f"VM {name!r} is already {vm.state}")
+        if vm.state is VmState.CRASHED:
+            tail = f": {vm.detail}" if vm.detail else ""
+            raise StateError(f"VM {name!r} has stale state from a hypervisor that died{tail}; "
+                             f"run `hvtools vm kill {name}` to clean it up first")
+        t0 = time.monotonic()
+        timings = StartTimings()
+        vm = self._launch(name, progress)
+        timings.launched_s = time.monotonic() - t0
+        progress(f"{name}: QEMU running after {timings.launched_s:.2f}s, waiting for the guest")
+        assert vm.agent_socket is not None
+        try:
+            client = wait_for_agent(vm.agent_socket, timeout=boot_timeout,
+                                    alive=lambda: self._process_alive(name))
+            client.close()
+        except (HvError, OSError) as err:
+            tail = self._log_tail(vm)
+            self._force_off(name)
+            what = "died while booting" if isinstance(err, AgentError) else "did not boot"
+            raise VmLaunchFailure(f"VM {name!r} {what}: {err}", log_tail=tail) from err
+        except BaseException:
+            self._force_off(name)
+            raise
+        timings.agent_ready_s = time.monotonic() - t0
+        progress(f"{name}: guest agent ready after {timings.agent_ready_s:.2f}s")
+        return self.info(name), timings
+
+    @staticmethod
+    def _log_tail(vm: VmInfo, lines: int = 12) -> list[str]:
+        """The last lines of the console log (what the guest printed before it went wrong)."""
+        if vm.console_log is None or not vm.console_log.exists():
+            return []
+        text = vm.console_log.read_bytes()[-16384:].decode("utf-8", "replace")
+        return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+
+    @contextmanager
+    def agent(self, name: str, timeout: float = 10.0) -> Iterator[AgentClient]:
+        """A connected client to the VM's guest agent."""
+        vm = self._require_active(name)
+        assert vm.agent_socket is not None
+        client = AgentClient(vm.agent_socket)
+        try:
+            client.connect(timeout=timeout)
+            yield client
+        finally:
+            client.close()
+
+    def exec(self, name: str, argv: Sequence[str], *, timeout: float = 60.0,
+             stdin: bytes = b"") -> ExecResult:
+        """Run a command in the guest through the agent."""
+        with self.agent(name) as client:
+            return client.exec(argv, timeout=timeout, stdin=stdin)
+
+    def stop(self, name: str, *, timeout: float = 30.0, progress: Progress = _quiet) -> str:
+        """Stop cleanly: guest poweroff through the agent, then ACPI powerdown, then kill.
+
+        Returns which step stopped it (``agent``, ``powerdown`` or ``killed``).
+        """
+        vm = self.info(name)
+        if vm.state is VmState.CRASHED:
+            self._force_off(name)
+            return "cleaned"
+        if not vm.state.active:
+            raise StateError(f"VM {name!r} is not running (state: {vm.state})")
+        try:
+            with self.agent(name, timeout=min(5.0, timeout)) as client:
+                # Detach the poweroff so the agent can answer before the guest goes down.
+                client.exec(["sh", "-c", "sync; (sleep 0.2; poweroff -f) "
+                             "</dev/null >/dev/null 2>&1 & exit 0"], timeout=10.0)
+            progress(f"{name}: guest powering off")
+            if self._wait_exit(name, timeout):
+                return "agent"
+        except (AgentError, HvTimeout, OSError) as err:
+            progress(f"{name}: agent unavailable ({err}); trying ACPI powerdown")
+        try:
+            self.qmp(name, "system_powerdown")
+            if self._wait_exit(name, min(timeout, 10.0)):
+                return "powerdown"
+        except HvError as err:
+            progress(f"{name}: powerdown failed ({err})")
+        progress(f"{name}: killing QEMU")
+        self._force_off(name)
+        return "killed"
+
+    def kill(self, name: str) -> None:
+        """Stop at once (like ``virsh destroy``); also cleans a crashed VM's stale state."""
+        vm = self.info(name)
+        if not vm.state.active and vm.state is not VmState.CRASHED:
+            raise StateError(f"VM {name!r} is not running (state: {vm.state})")
+        self._force_off(name)
+
+    def qmp_text(self, name: str, command: str, arguments: dict[str, Any] | None = None) -> str:
+        """QMP reply as indented JSON, for the CLI's ``vm qmp``."""
+        return json.dumps(self.qmp(name, command, arguments), indent=2, sort_keys=True)

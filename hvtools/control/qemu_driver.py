@@ -1,0 +1,347 @@
+"""The embedded qemu driver: hvtools supervises QEMU processes itself, no daemon.
+
+Each VM has a state dir ``$HVTOOLS_HOME/vms/<name>/``::
+
+    spec.json     the VmSpec (to_mapping form)
+    argv.json     the QEMU command line of the current/last run
+    launch.json   resolved accelerator, image key, start time
+    supervisor.pid, qemu.pid
+    qmp.sock, agent.sock
+    console.log   the guest's serial console
+    qemu.log      QEMU's own stdout/stderr
+    exit.json     written by the supervisor when QEMU exits (return code)
+    lock          flock'd while a command changes the VM
+
+State is derived from these files and the live process, never stored as a word that can go stale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from hvtools import paths
+from hvtools.control.accel import resolve_accel
+from hvtools.control.driver import Driver, Progress, VmInfo, VmState
+from hvtools.errors import (
+    HvError,
+    NameInUseError,
+    UnknownVmError,
+    UsageError,
+    VmLaunchFailure,
+)
+from hvtools.guest.image import find_image
+from hvtools.qemu.binary import find_qemu
+from hvtools.qemu.cmdline import render_argv
+from hvtools.qemu.qmp import hmp_call, qmp_call
+from hvtools.spec import LaunchPlan, VmSpec, spec_from_mapping
+
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux, unix(7)
+_RUNTIME_FILES = ("qemu.pid", "supervisor.pid", "exit.json", "qmp.sock", "agent.sock")
+_QMP_READY_TIMEOUT = 30.0
+
+
+def ram_path(name: str) -> Path:
+    """The VM's shared RAM file (tmpfs, so a page touched by the guest never hits disk)."""
+    return Path("/dev/shm/hvtools") / f"{paths.home().as_posix().strip('/').replace('/', '-')}" \
+        / f"{name}.ram"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path, lines: int = 10) -> list[str]:
+    if not path.exists():
+        return []
+    text = path.read_bytes()[-16384:].decode("utf-8", "replace")
+    return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"QEMU killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"QEMU killed by signal {-code}"
+    return f"QEMU exited with status {code}"
+
+
+class QemuDriver(Driver):
+    """VMs as QEMU processes under a detached per-VM supervisor."""
+
+    name = "qemu"
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or paths.vms_dir()
+
+    # -- state dir helpers ------------------------------------------------------------------
+    def _dir(self, name: str) -> Path:
+        return self.root / name
+
+    def _require_dir(self, name: str) -> Path:
+        d = self._dir(name)
+        if not (d / "spec.json").exists():
+            raise UnknownVmError(f"no VM named {name!r} (hvtools vm list)")
+        return d
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        d = self._require_dir(name)
+        with open(d / "lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield d
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _spec(self, d: Path) -> VmSpec:
+        return spec_from_mapping(json.loads((d / "spec.json").read_text()))
+
+    def _qemu_pid(self, d: Path) -> int | None:
+        """QEMU's pid if that process is alive and really is this VM's QEMU."""
+        pid = _read_int(d / "qemu.pid")
+        if pid is None or not _pid_alive(pid):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
+        return pid if str(d / "qmp.sock").encode() in cmdline else None
+
+    def _plan_paths(self, d: Path, name: str) -> dict[str, Path]:
+        plan = {"agent_socket": d / "agent.sock", "qmp_socket": d / "qmp.sock",
+                "console_log": d / "console.log", "ram_path": ram_path(name)}
+        for key in ("agent_socket", "qmp_socket"):
+            if len(str(plan[key])) > _SUN_PATH_MAX:
+                raise UsageError(f"socket path {plan[key]} is longer than {_SUN_PATH_MAX} "
+                                 "bytes: use a shorter HVTOOLS_HOME or VM name")
+        return plan
+
+    # -- Driver primitives ------------------------------------------------------------------
+    def create(self, spec: VmSpec) -> VmInfo:
+        d = self._dir(spec.name)
+        self._plan_paths(d, spec.name)  # reject over-long socket paths before creating anything
+        if (d / "spec.json").exists():
+            raise NameInUseError(f"a VM named {spec.name!r} already exists")
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".{spec.name}.creating.{os.getpid()}"
+        tmp.mkdir()
+        (tmp / "spec.json").write_text(json.dumps(spec.to_mapping(), indent=2) + "\n")
+        try:
+            tmp.rename(d)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise NameInUseError(f"a VM named {spec.name!r} already exists") from err
+        return self.info(spec.name)
+
+    def undefine(self, name: str) -> None:
+        with self._locked(name) as d:
+            vm = self.info(name)
+            if vm.state.active:
+                raise UsageError(f"VM {name!r} is {vm.state}: stop it first")
+            self._clean_runtime(d, name)
+        shutil.rmtree(d)
+
+    def info(self, name: str) -> VmInfo:
+        d = self._require_dir(name)
+        spec = self._spec(d)
+        launch: dict[str, Any] = {}
+        if (d / "launch.json").exists():
+            launch = json.loads((d / "launch.json").read_text())
+        common: dict[str, Any] = {
+            "name": name, "driver": self.name, "spec": spec, "state_dir": d,
+            "console_log": d / "console.log", "agent_socket": d / "agent.sock",
+            "accel": launch.get("accel"),
+        }
+        pid = self._qemu_pid(d)
+        if pid is not None:
+            state = VmState.RUNNING
+            with contextlib.suppress(HvError, OSError):
+                status = qmp_call(d / "qmp.sock", "query-status", timeout=2.0)
+                if status.get("status") in ("paused", "prelaunch", "inmigrate",
+                                            "postmigrate", "suspended"):
+                    state = VmState.PAUSED
+            return VmInfo(state=state, pid=pid, **common)
+        exit_info = None
+        if (d / "exit.json").exists():
+            exit_info = json.loads((d / "exit.json").read_text())
+        had_run = (d / "qemu.pid").exists()
+        if not had_run:
+            return VmInfo(state=VmState.DEFINED, **common)
+        code = exit_info["returncode"] if exit_info else None
+        console = _tail(d / "console.log", 40)
+        panicked = any("Kernel panic" in ln for ln in console)
+        if code == 0 and not panicked:
+            # The guest powered off (or QMP quit): a clean stop; the next query tidies up.
+            return VmInfo(state=VmState.DEFINED, detail="guest powered off", **common)
+        detail = ("guest kernel panicked" if panicked else
+                  _describe_exit(code) if code is not None else
+                  "QEMU and its supervisor are gone (killed?)")
+        log_tail = tuple(_tail(d / "qemu.log") + ([ln for ln in console[-5:]] if panicked else []))
+        return VmInfo(state=VmState.CRASHED, detail=detail,
+                      log_tail=log_tail or (detail,), **common)
+
+    def list(self) -> list[VmInfo]:
+        if not self.root.exists():
+            return []
+        return [self.info(d.name) for d in sorted(self.root.iterdir())
+                if (d / "spec.json").exists()]
+
+    def _launch(self, name: str, progress: Progress) -> VmInfo:
+        with self._locked(name) as d:
+            spec = self._spec(d)
+            qemu = find_qemu()
+            accel = resolve_accel(spec.accel, qemu=qemu)
+            image = find_image()
+            kernel = Path(spec.kernel) if spec.kernel else image.kernel
+            initrd = Path(spec.initrd) if spec.initrd else image.initrd
+            for what, p in (("kernel", kernel), ("initrd", initrd)):
+                if not p.exists():
+                    raise UsageError(f"{what} {p} does not exist")
+            plan = LaunchPlan(accel=accel, kernel=kernel, initrd=initrd,
+                              **self._plan_paths(d, name))
+            self._clean_runtime(d, name)
+            for region in spec.ivshmem:
+                if region.path.exists() and not os.access(region.path, os.W_OK):
+                    raise UsageError(f"ivshmem {region.path} exists and is not writable")
+            plan.ram_path.parent.mkdir(parents=True, exist_ok=True)
+            argv = render_argv(spec, plan, qemu=str(qemu.path))
+            (d / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
+            (d / "launch.json").write_text(json.dumps({
+                "accel": str(accel), "qemu": str(qemu.path), "qemu_version": qemu.version_str,
+                "image": image.key, "started_at": time.time()}) + "\n")
+            for log in ("console.log", "qemu.log"):
+                (d / log).write_bytes(b"")
+            progress(f"{name}: launching QEMU {qemu.version_str} ({accel})")
+            sup = subprocess.Popen(
+                [sys.executable, "-m", "hvtools.qemu.supervisor", str(d)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=True, close_fds=True)
+            (d / "supervisor.pid").write_text(f"{sup.pid}\n")
+            try:
+                self._wait_qmp(d, sup)
+            except VmLaunchFailure as err:
+                err.command = argv
+                self._kill_processes(d)
+                self._clean_runtime(d, name)
+                raise
+            except BaseException:
+                self._kill_processes(d)
+                self._clean_runtime(d, name)
+                raise
+        return self.info(name)
+
+    def _wait_qmp(self, d: Path, sup: subprocess.Popen[bytes]) -> None:
+        """Wait until QEMU's QMP socket answers; fail fast if QEMU exits first."""
+        deadline = time.monotonic() + _QMP_READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if (d / "exit.json").exists() or sup.poll() is not None:
+                sup.wait(timeout=5)
+                exit_info = {}
+                if (d / "exit.json").exists():
+                    exit_info = json.loads((d / "exit.json").read_text())
+                tail = _tail(d / "qemu.log")
+                code = exit_info.get("returncode")
+                first = tail[-1] if tail else (_describe_exit(code) if code is not None
+                                               else "no output")
+                raise VmLaunchFailure(f"QEMU failed to start: {first}", exit_code=code,
+                                      log_tail=tail)
+            if (d / "qmp.sock").exists() and self._qemu_pid(d) is not None:
+                try:
+                    qmp_call(d / "qmp.sock", "query-status", timeout=5.0)
+                    return
+                except HvError:
+                    pass
+            time.sleep(0.02)
+        raise VmLaunchFailure(f"QEMU's QMP socket did not answer within {_QMP_READY_TIMEOUT:.0f}s",
+                              log_tail=_tail(d / "qemu.log"))
+
+    def _kill_processes(self, d: Path) -> None:
+        pid = self._qemu_pid(d)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+        sup = _read_int(d / "supervisor.pid")
+        if sup is not None and _pid_alive(sup):
+            # The supervisor exits by itself once QEMU is gone; give it a moment, then insist.
+            deadline = time.monotonic() + 5
+            while _pid_alive(sup) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sup, signal.SIGKILL)
+
+    def _clean_runtime(self, d: Path, name: str) -> None:
+        """Remove pid files, sockets and the RAM file of a run that is over."""
+        for f in _RUNTIME_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                (d / f).unlink()
+        with contextlib.suppress(FileNotFoundError):
+            ram_path(name).unlink()
+
+    def _process_alive(self, name: str) -> bool:
+        return self._qemu_pid(self._dir(name)) is not None
+
+    def _force_off(self, name: str) -> None:
+        with self._locked(name) as d:
+            self._kill_processes(d)
+            self._clean_runtime(d, name)
+
+    def _wait_exit(self, name: str, timeout: float) -> bool:
+        d = self._dir(name)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._qemu_pid(d) is None:
+                self._force_off(name)  # reaps the supervisor, removes sockets and RAM file
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _qmp_socket(self, name: str) -> Path:
+        vm = self._require_active(name)
+        assert vm.state_dir is not None
+        return vm.state_dir / "qmp.sock"
+
+    def qmp(self, name: str, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        return qmp_call(self._qmp_socket(name), command, arguments)
+
+    def hmp(self, name: str, command_line: str) -> str:
+        return hmp_call(self._qmp_socket(name), command_line)
+
+    def tidy(self, name: str) -> None:
+        """After a clean guest poweroff, remove the leftover pid files and sockets."""
+        vm = self.info(name)
+        if vm.state is VmState.DEFINED and (self._dir(name) / "qemu.pid").exists():
+            self._force_off(name)
+

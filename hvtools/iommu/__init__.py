@@ -1,0 +1,1 @@
+"""PURE models of the VT-d IOMMU (Intel VT-d specification 4.x). Imports no adapter."""

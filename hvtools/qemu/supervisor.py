@@ -1,0 +1,45 @@
+"""The per-VM supervisor: ``python -m hvtools.qemu.supervisor STATE_DIR``.
+
+It runs detached from the CLI (its own session), starts QEMU from ``argv.json``, records
+``qemu.pid``, forwards SIGTERM/SIGINT, and when QEMU exits writes ``exit.json`` with the return
+code, so the qemu driver can tell a guest poweroff (0) from a crash (signal, or error exit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(state_dir: Path) -> int:
+    argv = json.loads((state_dir / "argv.json").read_text())
+    with open(state_dir / "qemu.log", "ab", buffering=0) as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                cwd=state_dir)
+
+        def forward(signum: int, _frame: FrameType | None) -> None:
+            proc.send_signal(signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        _write_atomic(state_dir / "qemu.pid", f"{proc.pid}\n")
+        code = proc.wait()
+    _write_atomic(state_dir / "exit.json",
+                  json.dumps({"returncode": code, "pid": proc.pid, "time": time.time()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

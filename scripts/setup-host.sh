@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Install what hvtools needs on a Debian 12 host. Idempotent: each step checks before it acts.
+# QEMU 10.0.2 and seabios 1.16.3 come from bookworm-backports (bookworm's seabios 1.16.2 stalls
+# every boot ~30 s in the BIOS).
+set -euo pipefail
+
+QEMU_WANT="10.0.2"
+need_update=0
+
+if [ "$(id -u)" != 0 ]; then
+  echo "setup-host: must run as root (apt-get, libvirtd, namespaces)" >&2
+  exit 1
+fi
+
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "setup-host: adding bookworm-backports"
+  cat > /etc/apt/sources.list.d/hvtools-backports.sources <<'SRC'
+Types: deb deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  need_update=1
+fi
+if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
+  need_update=1
+fi
+
+PKGS=(busybox-static cpio kmod xz-utils zstd gcc libc6-dev make pkg-config
+      libvirt-daemon-system libvirt-dev iproute2 dnsmasq-base)
+BPO_PKGS=(qemu-system-x86 qemu-utils qemu-system-common qemu-system-data seabios)
+
+missing=()
+for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+qemu_ver=$(dpkg-query -W -f='${Version}' qemu-system-x86 2>/dev/null || true)
+seabios_ver=$(dpkg-query -W -f='${Version}' seabios 2>/dev/null || true)
+bpo_needed=0
+case "$qemu_ver" in *"$QEMU_WANT"*) ;; *) bpo_needed=1 ;; esac
+case "$seabios_ver" in 1.16.3*) ;; *) bpo_needed=1 ;; esac
+
+if [ ${#missing[@]} -gt 0 ] || [ $bpo_needed = 1 ]; then
+  if [ $need_update = 1 ] || [ ! -d /var/lib/apt/lists ] || \
+     ! ls /var/lib/apt/lists/*bookworm-backports*Packages* >/dev/null 2>&1; then
+    apt-get update -q
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup-host: installing ${missing[*]}"
+    # libvirt-daemon-system's postinst tries to start services; without systemd that is harmless.
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+  fi
+  if [ $bpo_needed = 1 ]; then
+    echo "setup-host: installing QEMU $QEMU_WANT and seabios 1.16.3 from bookworm-backports"
+    apt-get install -y -q --no-install-recommends -t bookworm-backports "${BPO_PKGS[@]}"
+  fi
+fi
+
+qemu-system-x86_64 --version | head -1
+dpkg-query -W -f='seabios ${Version}\n' seabios
