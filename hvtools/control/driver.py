@@ -8,6 +8,7 @@ primitives (``_launch``, ``_process_alive``, ``_qmp``, ...).
 from __future__ import annotations
 
 import abc
+import builtins
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -165,8 +166,8 @@ class Driver(abc.ABC):
         if vm.state.active:
             raise StateError(f"VM {name!r} is already {vm.state}")
         if vm.state is VmState.CRASHED:
-            tail = f": {vm.detail}" if vm.detail else ""
-            raise StateError(f"VM {name!r} has stale state from a hypervisor that died{tail}; "
+            why = f" ({vm.detail})" if vm.detail else ""
+            raise StateError(f"VM {name!r} has stale state from a hypervisor that died{why}; "
                              f"run `hvtools vm kill {name}` to clean it up first")
         t0 = time.monotonic()
         timings = StartTimings()
@@ -191,7 +192,7 @@ class Driver(abc.ABC):
         return self.info(name), timings
 
     @staticmethod
-    def _log_tail(vm: VmInfo, lines: int = 12) -> list[str]:
+    def _log_tail(vm: VmInfo, lines: int = 12) -> builtins.list[str]:
         """The last lines of the console log (what the guest printed before it went wrong)."""
         if vm.console_log is None or not vm.console_log.exists():
             return []

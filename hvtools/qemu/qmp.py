@@ -27,8 +27,9 @@ async def _run(socket: Path, calls: Sequence[tuple[str, dict[str, Any] | None]],
             out.append(await asyncio.wait_for(client.execute(name, args), timeout))
         return out
     except ExecuteError as err:
-        raise QmpError(name, err.error.to_msg(),
-                       f"QMP {name} failed: {err.error.class_}: {err.error.desc}") from err
+        info = err.error.error
+        raise QmpError(name, dict(err.received),
+                       f"QMP {name} failed: {info.class_}: {info.desc}") from err
     except ConnectError as err:
         raise VmError(f"cannot reach QMP at {socket}: {err}") from err
     except TimeoutError as err:
