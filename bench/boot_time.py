@@ -10,6 +10,7 @@ can cost here. Reports medians over N runs and the ratio hvtools/anchor; target 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -47,24 +48,18 @@ def anchor_boot(iommu: str, memory: str) -> float:
 
 
 def hvtools_boot(drv: QemuDriver, name: str, iommu: str, memory: str) -> float:
-    try:
+    with contextlib.suppress(HvError):
         drv.kill(name)
-    except HvError:
-        pass
-    try:
+    with contextlib.suppress(HvError):
         drv.undefine(name)
-    except HvError:
-        pass
     drv.create(spec_from_mapping({"name": name, "iommu": iommu, "memory": memory,
                                   "accel": "tcg"}))
     try:
         _, timings = drv.start(name)
         drv.stop(name)
     finally:
-        try:
+        with contextlib.suppress(HvError):
             drv.kill(name)
-        except HvError:
-            pass
         drv.undefine(name)
     return timings.agent_ready_s
 

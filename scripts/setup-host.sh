@@ -28,7 +28,7 @@ if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-s
 fi
 
 PKGS=(busybox-static cpio kmod xz-utils zstd gcc libc6-dev make pkg-config
-      libvirt-daemon-system libvirt-dev iproute2 dnsmasq-base)
+      libvirt-daemon-system libvirt-dev iproute2 util-linux libfabric1 libfabric-bin)
 BPO_PKGS=(qemu-system-x86 qemu-utils qemu-system-common qemu-system-data seabios)
 
 missing=()

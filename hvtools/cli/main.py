@@ -24,7 +24,8 @@ from hvtools.errors import HvError, SpecError, UnknownVmError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-out = Console(highlight=False, soft_wrap=True)
+# Wide when piped, so tables are not truncated in logs.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 DRIVERS = ("qemu", "libvirt")

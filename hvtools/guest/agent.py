@@ -78,7 +78,11 @@ class _Disconnected(AgentError):
 
 
 class AgentClient:
-    """A connection to one guest agent."""
+    """A connection to one guest agent.
+
+    QEMU's chardev serves one connection at a time: a second client to the same VM gets no
+    answer until the first one closes.
+    """
 
     def __init__(self, socket_path: Path) -> None:
         self.socket_path = Path(socket_path)
@@ -211,12 +215,18 @@ class AgentClient:
                 raise AgentError(f"guest agent answered EXEC with {_describe(item)}")
 
     def poweroff(self, timeout: float = 30.0) -> None:
-        """Run ``poweroff -f`` in the guest and wait until QEMU closes the socket."""
-        self._send(FrameType.EXEC, encode_exec(ExecRequest(("poweroff", "-f"), b"", 0)))
+        """Run ``poweroff -f`` in the guest and wait until QEMU exits (closing the socket).
+
+        With ``-no-shutdown`` QEMU stays up after the guest powers off, and this times out.
+        """
+        req_id = self._send(FrameType.EXEC, encode_exec(ExecRequest(("poweroff", "-f"), b"", 0)))
         deadline = time.monotonic() + timeout
         try:
-            while self._recv(deadline) is not None:
-                pass
+            while (item := self._recv(deadline)) is not None:
+                if item.req_id == req_id and (
+                    isinstance(item, Rejected) or item.type in (FrameType.EXIT, FrameType.ERROR)
+                ):
+                    raise AgentError(f"`poweroff -f` failed in the guest: {_describe(item)}")
         except _Disconnected:
             self.close()
             return
@@ -349,11 +359,13 @@ def _decode(fn: Callable[[bytes], _T], frame: Frame) -> _T:
 def _describe(item: Frame | Rejected) -> str:
     if isinstance(item, Rejected):
         return f"a rejected frame ({item.reason})"
-    if item.type is FrameType.ERROR:
-        try:
+    try:
+        if item.type is FrameType.ERROR:
             return f"ERROR: {decode_error(item.payload).message}"
-        except ProtocolError:
-            pass
+        if item.type is FrameType.EXIT:
+            return f"EXIT status {decode_exit(item.payload).status}"
+    except ProtocolError:
+        pass
     return f"an unexpected {item.type.name} frame"
 
 

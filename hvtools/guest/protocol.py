@@ -19,7 +19,8 @@ Payloads by type (host -> guest: PING, EXEC; guest -> host: the rest):
   ``machine``, ``hostname``, ``uptime_ms``, ``pid``, ``mem_total_kb``).
 - EXEC: ``u32 timeout_ms`` (0: none), ``u32 flags`` (0), ``u32 argc``, ``u32 stdin_len``, then argc
   NUL-terminated argv strings, then stdin_len bytes of stdin. The guest runs it with fork/execvp
-  and ``PATH=/bin:/sbin:/usr/bin:/usr/sbin`` in a new session.
+  and ``PATH=/bin:/sbin:/usr/bin:/usr/sbin`` in a new session; when the timeout runs out it
+  SIGKILLs the session and reports ExitKind.TIMEOUT. Up to 8 commands run at once.
 - STDOUT, STDERR: a chunk of the command's output; any number, in order, before its EXIT.
 - EXIT: ``i32 status`` (exit code, or 128+signal), ``u8 kind`` (ExitKind), ``u8 signal``,
   ``u16`` 0, ``u64`` run time in ns (guest clock). Ends an EXEC.
@@ -32,6 +33,11 @@ in the port from an earlier connection are dropped; a frame with a valid header 
 exceeds MAX_PAYLOAD is rejected and its payload skipped. Request ids let the host drop whole
 frames that belong to an earlier connection: after connecting it sends a PING with a fresh id and
 ignores everything until that PONG arrives.
+
+Hang-ups: when the host side of the port closes, the agent kills the commands it was running and
+drops unsent output. It learns of the hang-up from the port's POLLHUP; a host that reconnects
+before the agent has run again can find an earlier connection's commands still running (each
+EXEC from :class:`~hvtools.guest.agent.AgentClient` carries a timeout, so they end anyway).
 """
 
 from __future__ import annotations
@@ -206,7 +212,8 @@ class FrameDecoder:
                 continue
             if len(buf) < HEADER_SIZE + length:
                 break
-            out.append(Frame(FrameType(ftype), req_id, bytes(buf[HEADER_SIZE:HEADER_SIZE + length])))
+            payload = bytes(buf[HEADER_SIZE : HEADER_SIZE + length])
+            out.append(Frame(FrameType(ftype), req_id, payload))
             del buf[: HEADER_SIZE + length]
         return out
 
@@ -224,7 +231,10 @@ def encode_exec(req: ExecRequest) -> bytes:
         raise ProtocolError(f"timeout of {req.timeout_ms} ms does not fit in u32")
     args = []
     for a in req.argv:
-        raw = a.encode(errors="surrogateescape")
+        try:
+            raw = a.encode(errors="surrogateescape")  # os.fsdecode()'d bytes round-trip
+        except UnicodeEncodeError as err:
+            raise ProtocolError(f"argument {a!r} cannot be encoded: {err}") from None
         if b"\0" in raw:
             raise ProtocolError(f"argument {a!r} contains a NUL byte")
         args.append(raw + b"\0")

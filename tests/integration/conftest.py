@@ -7,6 +7,7 @@ test run's pid so leftovers of an earlier run can never be mistaken for this run
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -74,14 +75,10 @@ class VmFactory:
             if rep is not None and rep.failed and vm.console_log and vm.console_log.exists():
                 sys.stderr.write(f"--- console of {n} ---\n"
                                  + vm.console_log.read_text(errors="replace")[-4000:])
-            try:
+            with contextlib.suppress(HvError):
                 self.driver.kill(n)
-            except HvError:
-                pass
-            try:
+            with contextlib.suppress(HvError):
                 self.driver.undefine(n)
-            except HvError:
-                pass
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

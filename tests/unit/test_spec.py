@@ -10,11 +10,11 @@ from hypothesis import strategies as st
 
 from hvtools.errors import SpecError
 from hvtools.spec import (
-    GiB,
-    MiB,
     Accel,
     DeviceType,
+    GiB,
     IommuSpec,
+    MiB,
     load_spec_file,
     parse_iommu,
     parse_size,
