@@ -192,6 +192,12 @@ class Driver(abc.ABC):
         return self.info(name), timings
 
     @staticmethod
+    def _remove_ivshmem(spec: VmSpec) -> None:
+        """Delete the VM's ivshmem backing files; called when a VM is undefined."""
+        for region in spec.ivshmem:
+            region.path.unlink(missing_ok=True)
+
+    @staticmethod
     def _log_tail(vm: VmInfo, lines: int = 12) -> builtins.list[str]:
         """The last lines of the console log (what the guest printed before it went wrong)."""
         if vm.console_log is None or not vm.console_log.exists():

@@ -76,6 +76,12 @@ def read_caps(driver: Driver, name: str) -> CapsReport:
         sources["mmio"] = IommuCaps(regs[0], regs[1])
     else:
         notes.append(f"could not parse the monitor's xp output: {xp.strip()[:120]!r}")
+    for src, c in sources.items():
+        if c.get("PASID") and c.get("PSS") == 0:
+            # QEMU 10.0 sets ECAP.PASID without ECAP.PSS (vtd_cap_init); later QEMU sets both.
+            notes.append(f"{src}: ECAP.PASID=1 with PSS=0, so PASIDs are 1 bit wide as "
+                         "advertised (QEMU 10.0 does not set PSS)")
+            break
     if not sources:
         raise StateError(f"VM {name!r}: no source gave the VT-d registers: {'; '.join(notes)}")
     return CapsReport(vm=name, sources=sources, notes=notes)

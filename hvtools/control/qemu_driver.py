@@ -169,6 +169,7 @@ class QemuDriver(Driver):
             if vm.state.active:
                 raise UsageError(f"VM {name!r} is {vm.state}: stop it first")
             self._clean_runtime(d, name)
+            self._remove_ivshmem(vm.spec)
         shutil.rmtree(d)
 
     def info(self, name: str) -> VmInfo:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from hvtools.spec import (
     AGENT_PORT,
-    MiB,
     Accel,
     DeviceSpec,
     DeviceType,
     LaunchPlan,
+    MiB,
     VmSpec,
     spec_from_mapping,
 )
@@ -139,7 +139,7 @@ def _override(root: ET.Element, spec: VmSpec) -> None:
         _sub(frontend, _q("property"), name=prop, type="bool", value=str(value).lower())
 
 
-def _device(devices: ET.Element, spec: VmSpec, dev: DeviceSpec, index: int) -> None:
+def _device(devices: ET.Element, spec: VmSpec, dev: DeviceSpec) -> None:
     """One virtio device (formatdomain: "Random number generator device", "Hard drives,
     floppy disks, CDROMs", "Network interfaces": userspace connection)."""
     platform = spec.device_iommu_platform(dev)
@@ -157,7 +157,8 @@ def _device(devices: ET.Element, spec: VmSpec, dev: DeviceSpec, index: int) -> N
     else:
         el = _sub(devices, "interface", type="user")
         # QEMU's own default MACs, 52:54:00:12:34:56 upwards, as the qemu driver gets them.
-        _sub(el, "mac", address=f"52:54:00:12:34:{0x56 + index:02x}")
+        nics = [d.id for d in spec.devices if d.type is DeviceType.NET]
+        _sub(el, "mac", address=f"52:54:00:12:34:{0x56 + nics.index(dev.id):02x}")
         _sub(el, "model", type=model)
         _driver_iommu(el, platform)
     _sub(el, "alias", name=_user_alias(dev.id))
@@ -168,16 +169,20 @@ def _disk_name(spec: VmSpec, dev: DeviceSpec) -> str:
     return "vd" + "abcdefghijklmnopqrstuvwxyz"[blks.index(dev.id)]
 
 
-def render_domain_xml(spec: VmSpec, plan: LaunchPlan, *, emulator: str | None = None) -> str:
+def render_domain_xml(spec: VmSpec, plan: LaunchPlan, *, emulator: str | None = None,
+                      uuid: str | None = None) -> str:
     """The domain XML for ``spec`` under ``plan``: the guest ``render_argv`` builds.
 
     ``emulator`` pins the QEMU binary (formatdomain, "Devices": emulator); None lets libvirt
-    pick its default for the architecture. ``plan.ram_path`` and ``plan.qmp_socket`` do not
+    pick its default for the architecture. ``uuid`` is the existing domain's, when redefining
+    it (formatdomain, "General metadata"). ``plan.ram_path`` and ``plan.qmp_socket`` do not
     appear: libvirt puts file-backed RAM under qemu.conf's ``memory_backing_dir`` and owns
     the monitor.
     """
     root = ET.Element("domain", type="kvm" if plan.accel is Accel.KVM else "qemu")
     _sub(root, "name", spec.name)
+    if uuid:
+        _sub(root, "uuid", uuid)
     _metadata(root, spec)
     _sub(root, "memory", str(spec.memory // MiB), unit="MiB")
     # Shared file-backed RAM: memory-backend-file,share=on (formatdomain, "Memory Backing").
@@ -215,8 +220,8 @@ def render_domain_xml(spec: VmSpec, plan: LaunchPlan, *, emulator: str | None = 
     _sub(channel, "source", mode="bind", path=str(plan.agent_socket))
     _sub(channel, "target", type="virtio", name=AGENT_PORT)
     _iommu(devices, spec)
-    for index, dev in enumerate(spec.devices):
-        _device(devices, spec, dev, index)
+    for dev in spec.devices:
+        _device(devices, spec, dev)
     for region in spec.ivshmem:
         # ivshmem-plain over /dev/shm/<name> (formatdomain, "Shared memory device").
         shmem = _sub(devices, "shmem", name=region.name)
@@ -256,8 +261,12 @@ def spec_from_domain_xml(xml: str) -> VmSpec | None:
 
 
 def spec_from_metadata(element_xml: str) -> VmSpec:
-    """The spec from the metadata element alone (``virDomainGetMetadata``'s answer)."""
-    el = ET.fromstring(element_xml).find(_h("spec"))
+    """The spec from the metadata element alone (``virDomainGetMetadata``'s answer, which
+    libvirt returns without the namespace)."""
+    root = ET.fromstring(element_xml)
+    el = root.find(_h("spec"))
+    if el is None:
+        el = root.find("spec")
     if el is None or not el.text:
         raise ValueError("hvtools metadata without a spec")
     return spec_from_mapping(json.loads(el.text))

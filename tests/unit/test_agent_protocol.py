@@ -185,8 +185,12 @@ def test_any_split_of_a_stream_decodes_to_the_same_frames(
     for a, b in itertools.pairwise(points):
         out += dec.feed(stream[a:b])
     assert out == frames
-    assert dec.buffered == 0
-    assert dec.skipped == len(garbage)
+    # Only a trailing partial magic may stay buffered, waiting for the rest of a header.
+    held = stream[len(stream) - dec.buffered:]
+    assert dec.buffered < len(MAGIC) and MAGIC.startswith(held)
+    if frames:
+        assert dec.buffered == 0
+    assert dec.skipped + dec.buffered == len(garbage)
 
 
 # -- payloads -----------------------------------------------------------------------------------
