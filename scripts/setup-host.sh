@@ -58,3 +58,9 @@ fi
 
 qemu-system-x86_64 --version | head -1
 dpkg-query -W -f='seabios ${Version}\n' seabios
+
+# Without udev, /dev/kvm stays root 0600; libvirt 9.0 then discards its QEMU capability cache
+# on every call (~100 s per define). Give it what Debian's udev rule would: root:kvm 0660.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+  chgrp kvm /dev/kvm && chmod 0660 /dev/kvm
+fi

@@ -28,7 +28,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-DRIVERS = ("qemu", "libvirt")
+DRIVERS = ("qemu", "libvirt")  # hvtools.control.drivers.DRIVERS, without importing it at start
 
 
 class HvGroup(click.Group):
@@ -64,36 +64,15 @@ def _status(message: str, *, enabled: bool = True) -> Iterator[Callable[[str], N
 
 # -- drivers ------------------------------------------------------------------------------------
 def _driver(kind: str) -> Any:
-    if kind == "qemu":
-        from hvtools.control.qemu_driver import QemuDriver
+    from hvtools.control.drivers import make_driver
 
-        return QemuDriver()
-    if kind == "libvirt":
-        from hvtools.control.libvirt_driver import LibvirtDriver
-
-        return LibvirtDriver()
-    raise UsageError(f"unknown driver {kind!r} (known: {', '.join(DRIVERS)})")
+    return make_driver(kind)
 
 
 def _driver_for(name: str, explicit: str | None) -> Any:
-    """The driver that holds VM ``name``: the one asked for, else qemu, else a running libvirtd."""
-    if explicit:
-        return _driver(explicit)
-    from hvtools.control.qemu_driver import QemuDriver
+    from hvtools.control.drivers import find_driver
 
-    qd = QemuDriver()
-    if (qd.root / name / "spec.json").exists():
-        return qd
-    from hvtools.libvirt.daemon import libvirtd_status
-
-    if libvirtd_status().get("reachable"):
-        lv = _driver("libvirt")
-        try:
-            lv.info(name)
-            return lv
-        except UnknownVmError:
-            pass
-    raise UnknownVmError(f"no VM named {name!r} (hvtools vm list)")
+    return find_driver(name, explicit)
 
 
 def driver_option(f: F) -> F:
@@ -198,7 +177,10 @@ def _print_vm(info: Any) -> None:
 def vm_create(name: str, spec_file: Path | None, driver: str | None, as_json: bool,
               **flags: Any) -> None:
     """Define a VM without starting it."""
+    from hvtools.control.drivers import ensure_name_free
+
     spec = _build_spec(name, spec_file, flags)
+    ensure_name_free(name)
     info = _driver(driver or "qemu").create(spec)
     if as_json:
         _emit_json(info.to_json())
@@ -217,6 +199,8 @@ def vm_create(name: str, spec_file: Path | None, driver: str | None, as_json: bo
 def vm_start(name: str, spec_file: Path | None, driver: str | None, as_json: bool,
              timings: bool, boot_timeout: float, **flags: Any) -> None:
     """Start a VM, creating it first when NAME is new; waits until its guest agent answers."""
+    from hvtools.control.drivers import ensure_name_free
+
     created = False
     try:
         drv = _driver_for(name, driver)
@@ -224,8 +208,10 @@ def vm_start(name: str, spec_file: Path | None, driver: str | None, as_json: boo
             raise UsageError(f"VM {name!r} already exists; its spec is fixed "
                              f"(hvtools vm rm {name} to redefine it)")
     except UnknownVmError:
+        spec = _build_spec(name, spec_file, flags)
+        ensure_name_free(name)
         drv = _driver(driver or "qemu")
-        drv.create(_build_spec(name, spec_file, flags))
+        drv.create(spec)
         created = True
     try:
         with _status(f"starting {name}", enabled=not as_json) as update:
@@ -286,9 +272,9 @@ def vm_list(driver: str | None, as_json: bool) -> None:
     kinds = [driver] if driver else ["qemu", "libvirt"]
     for kind in kinds:
         if kind == "libvirt" and not driver:
-            from hvtools.libvirt.daemon import libvirtd_status
+            from hvtools.libvirt.daemon import libvirtd_reachable
 
-            if not libvirtd_status().get("reachable"):
+            if not libvirtd_reachable():
                 continue
         infos += _driver(kind).list()
     if as_json:

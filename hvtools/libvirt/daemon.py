@@ -142,6 +142,11 @@ def _listening(path: Path) -> bool:
     return True
 
 
+def libvirtd_reachable() -> bool:
+    """Cheap check that a local libvirtd accepts connections; starts nothing."""
+    return _listening(LIBVIRTD_SOCKET)
+
+
 def _running(pidfile: Path, program: str, sock: Path) -> bool:
     """A daemon runs if its pid file names a live ``program`` or its socket accepts."""
     return _pid_of(pidfile, program) is not None or _listening(sock)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from hvtools.control.driver import Driver
+from hvtools.control.drivers import make_driver
 from hvtools.guest.image import GuestImage, build_image
 
 RUN = f"t{os.getpid() % 100000}"
@@ -33,16 +34,6 @@ def image() -> GuestImage:
     if os.geteuid() != 0:
         pytest.fail("integration tests need root (QEMU, libvirtd, namespaces); run as root")
     return build_image()
-
-
-def make_driver(kind: str) -> Driver:
-    if kind == "qemu":
-        from hvtools.control.qemu_driver import QemuDriver
-
-        return QemuDriver()
-    from hvtools.control.libvirt_driver import LibvirtDriver
-
-    return LibvirtDriver()
 
 
 @pytest.fixture(params=["qemu", "libvirt"])
