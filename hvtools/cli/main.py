@@ -336,10 +336,12 @@ def vm_console(name: str, driver: str | None, follow: bool, lines: int) -> None:
 @driver_option
 @json_option
 @click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("-i", "--stdin", "pass_stdin", is_flag=True,
+              help="Send this command's standard input to the guest command.")
 def vm_exec(name: str, command: tuple[str, ...], driver: str | None, as_json: bool,
-            timeout: float) -> None:
+            timeout: float, pass_stdin: bool) -> None:
     """Run COMMAND in the guest (after --); exit with its status."""
-    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    stdin = sys.stdin.buffer.read() if pass_stdin else b""
     res = _driver_for(name, driver).exec(name, list(command), timeout=timeout, stdin=stdin)
     if as_json:
         _emit_json({"argv": list(res.argv), "status": res.status, "timed_out": res.timed_out,

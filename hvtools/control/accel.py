@@ -14,6 +14,7 @@ import platform
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +43,8 @@ def _cache_file(qemu: QemuBinary, image_key: str) -> Path:
     return paths.cache_dir() / f"kvm-probe-{qemu.version_str}-{platform.release()}-{image_key}.json"
 
 
-def probe_kvm(qemu: QemuBinary | None = None, *, use_cache: bool = True) -> KvmVerdict:
+def probe_kvm(qemu: QemuBinary | None = None, *, use_cache: bool = True,
+              progress: Callable[[str], None] | None = None) -> KvmVerdict:
     """Boot the guest image's kernel under ``-accel kvm`` and see whether its init runs."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return KvmVerdict(False, "/dev/kvm is missing or not accessible")
@@ -57,6 +59,9 @@ def probe_kvm(qemu: QemuBinary | None = None, *, use_cache: bool = True) -> KvmV
     if use_cache and cache.exists():
         data = json.loads(cache.read_text())
         return KvmVerdict(bool(data["usable"]), str(data["reason"]), cached=True)
+    if progress:
+        progress(f"probing whether KVM runs a guest here (up to {PROBE_TIMEOUT_S:.0f}s, "
+                 "cached afterwards)")
     with tempfile.TemporaryDirectory(prefix="hvtools-probe-") as tmp:
         log = Path(tmp) / "console.log"
         argv = [str(qemu.path), "-accel", "kvm", "-machine", "q35", "-cpu", "host", "-m", "256",
@@ -83,11 +88,12 @@ def probe_kvm(qemu: QemuBinary | None = None, *, use_cache: bool = True) -> KvmV
     return verdict
 
 
-def resolve_accel(requested: Accel, *, qemu: QemuBinary | None = None) -> Accel:
+def resolve_accel(requested: Accel, *, qemu: QemuBinary | None = None,
+                  progress: Callable[[str], None] | None = None) -> Accel:
     """``auto`` → KVM if the probe passes, else TCG. An explicit ``kvm`` must pass the probe."""
     if requested is Accel.TCG:
         return Accel.TCG
-    verdict = probe_kvm(qemu)
+    verdict = probe_kvm(qemu, progress=progress)
     if verdict.usable:
         return Accel.KVM
     if requested is Accel.KVM:

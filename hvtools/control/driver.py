@@ -23,6 +23,7 @@ from hvtools.errors import (
     HvError,
     HvTimeout,
     StateError,
+    UsageError,
     VmCrashed,
     VmLaunchFailure,
 )
@@ -90,6 +91,22 @@ class StartTimings:
         return {"launched_s": round(self.launched_s, 3),
                 "agent_ready_s": round(self.agent_ready_s, 3),
                 **{k: round(v, 3) for k, v in self.phases.items()}}
+
+
+def boot_files(spec: VmSpec) -> tuple[Path, Path]:
+    """The kernel and initrd to boot: the spec's own, else the current guest image's."""
+    from hvtools.guest.image import find_image
+
+    if spec.kernel and spec.initrd:
+        kernel, initrd = Path(spec.kernel), Path(spec.initrd)
+    else:
+        image = find_image()
+        kernel = Path(spec.kernel) if spec.kernel else image.kernel
+        initrd = Path(spec.initrd) if spec.initrd else image.initrd
+    for what, p in (("kernel", kernel), ("initrd", initrd)):
+        if not p.exists():
+            raise UsageError(f"{what} {p} does not exist")
+    return kernel, initrd
 
 
 #: How long a guest may take from launch to a live agent. TCG boots in ~3-5 s here.

@@ -38,7 +38,7 @@ import libvirt_qemu
 
 from hvtools import paths
 from hvtools.control.accel import resolve_accel
-from hvtools.control.driver import Driver, Progress, VmInfo, VmState
+from hvtools.control.driver import Driver, Progress, VmInfo, VmState, boot_files
 from hvtools.errors import (
     NameInUseError,
     QmpError,
@@ -47,7 +47,6 @@ from hvtools.errors import (
     UsageError,
     VmLaunchFailure,
 )
-from hvtools.guest.image import find_image
 from hvtools.libvirt.daemon import SYSTEM_URI, connect, ensure_libvirtd, libvirt_error
 from hvtools.libvirt.domxml import (
     HVTOOLS_NS,
@@ -334,16 +333,8 @@ class LibvirtDriver(Driver):
         if dom.isActive():
             raise StateError(f"VM {name!r} is already running")
         qemu = find_qemu()
-        accel = resolve_accel(spec.accel, qemu=qemu)
-        if spec.kernel and spec.initrd:
-            kernel, initrd = Path(spec.kernel), Path(spec.initrd)
-        else:
-            image = find_image()
-            kernel = Path(spec.kernel) if spec.kernel else image.kernel
-            initrd = Path(spec.initrd) if spec.initrd else image.initrd
-        for what, p in (("kernel", kernel), ("initrd", initrd)):
-            if not p.exists():
-                raise UsageError(f"{what} {p} does not exist")
+        accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
+        kernel, initrd = boot_files(spec)
         plan = self._plan(spec, accel, kernel, initrd)
         plan.agent_socket.parent.mkdir(parents=True, exist_ok=True)
         plan.agent_socket.unlink(missing_ok=True)

@@ -4,7 +4,7 @@ Each VM has a state dir ``$HVTOOLS_HOME/vms/<name>/``::
 
     spec.json     the VmSpec (to_mapping form)
     argv.json     the QEMU command line of the current/last run
-    launch.json   resolved accelerator, image key, start time
+    launch.json   resolved accelerator, QEMU, kernel/initrd, start time
     supervisor.pid, qemu.pid
     qmp.sock, agent.sock
     console.log   the guest's serial console
@@ -32,7 +32,7 @@ from typing import Any
 
 from hvtools import paths
 from hvtools.control.accel import resolve_accel
-from hvtools.control.driver import Driver, Progress, VmInfo, VmState
+from hvtools.control.driver import Driver, Progress, VmInfo, VmState, boot_files
 from hvtools.errors import (
     HvError,
     NameInUseError,
@@ -40,7 +40,6 @@ from hvtools.errors import (
     UsageError,
     VmLaunchFailure,
 )
-from hvtools.guest.image import find_image
 from hvtools.qemu.binary import find_qemu
 from hvtools.qemu.cmdline import render_argv
 from hvtools.qemu.qmp import hmp_call, qmp_call
@@ -221,13 +220,8 @@ class QemuDriver(Driver):
         with self._locked(name) as d:
             spec = self._spec(d)
             qemu = find_qemu()
-            accel = resolve_accel(spec.accel, qemu=qemu)
-            image = find_image()
-            kernel = Path(spec.kernel) if spec.kernel else image.kernel
-            initrd = Path(spec.initrd) if spec.initrd else image.initrd
-            for what, p in (("kernel", kernel), ("initrd", initrd)):
-                if not p.exists():
-                    raise UsageError(f"{what} {p} does not exist")
+            accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
+            kernel, initrd = boot_files(spec)
             plan = LaunchPlan(accel=accel, kernel=kernel, initrd=initrd,
                               **self._plan_paths(d, name))
             self._clean_runtime(d, name)
@@ -239,7 +233,8 @@ class QemuDriver(Driver):
             (d / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
             (d / "launch.json").write_text(json.dumps({
                 "accel": str(accel), "qemu": str(qemu.path), "qemu_version": qemu.version_str,
-                "image": image.key, "started_at": time.time()}) + "\n")
+                "kernel": str(kernel), "initrd": str(initrd),
+                "started_at": time.time()}) + "\n")
             for log in ("console.log", "qemu.log"):
                 (d / log).write_bytes(b"")
             progress(f"{name}: launching QEMU {qemu.version_str} ({accel})")
