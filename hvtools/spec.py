@@ -93,6 +93,10 @@ class IommuSpec:
             raise SpecError("iommu.flts", "first-stage translation needs scalable mode")
         if self.aw_bits not in (39, 48):
             raise SpecError("iommu.aw_bits", f"{self.aw_bits} is not 39 or 48")
+        if self.device_iotlb and self.pasid:
+            # QEMU 10.0 intel-iommu refuses it: "PASID based device IOTLB is not supported".
+            raise SpecError("iommu.device_iotlb", "QEMU 10.0 does not support device-iotlb "
+                            "together with pasid")
         if self.flts and self.aw_bits != 48:
             raise SpecError("iommu.aw_bits", "first-stage translation needs aw_bits = 48")
 
@@ -139,6 +143,10 @@ def parse_iommu(text: str) -> IommuSpec | None:
         attr, value = _SHORTHAND_WORDS[w]
         kwargs[attr] = value
     return IommuSpec(**kwargs)
+
+
+#: The vIOMMU a spec gets unless it says otherwise: the full scalable-mode configuration.
+_DEFAULT_IOMMU = IommuSpec(scalable_mode=True, pasid=True, flts=True)
 
 
 class DeviceType(StrEnum):
@@ -196,8 +204,7 @@ class VmSpec:
     accel: Accel = Accel.AUTO
     machine: str = "q35"
     cpu: str | None = None  # None: "max" under TCG, "host" under KVM
-    iommu: IommuSpec | None = field(default_factory=lambda: IommuSpec(
-        scalable_mode=True, pasid=True, flts=True))
+    iommu: IommuSpec | None = field(default_factory=lambda: _DEFAULT_IOMMU)
     devices: tuple[DeviceSpec, ...] = ()
     ivshmem: tuple[IvshmemSpec, ...] = ()
     kernel_args: tuple[str, ...] = ()
@@ -293,7 +300,7 @@ def _iommu_from(value: Any) -> IommuSpec | None:
     data = _expect(value, dict, "iommu")
     keys = [f.name for f in fields(IommuSpec)]
     _check_keys(data, ["mode", *keys], "iommu")
-    base: IommuSpec | None = IommuSpec()
+    base: IommuSpec | None = _DEFAULT_IOMMU
     if "mode" in data:
         base = parse_iommu(_expect(data["mode"], str, "iommu.mode"))
         if base is None:
@@ -378,15 +385,40 @@ def parse_accel(text: str) -> Accel:
         raise SpecError("accel", f"unknown accelerator {text!r} (known: auto, tcg, kvm)") from None
 
 
-def load_spec_file(path: Path, *, name: str | None = None) -> VmSpec:
-    """Read a TOML spec file."""
+def read_spec_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML spec file into a mapping, with its relative paths made absolute
+    against the file's own directory."""
     try:
         data = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise SpecError("spec", f"no such file: {path}") from None
+    except OSError as err:
+        raise SpecError("spec", f"cannot read {path}: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise SpecError("spec", f"{path}: not valid TOML: {err}") from err
-    return spec_from_mapping(data, name=name)
+    return absolutize_paths(data, path.resolve().parent)
+
+
+def absolutize_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """The mapping with relative kernel/initrd/device paths joined to ``base``.
+
+    QEMU runs in its own directory, so a relative path must never reach it.
+    """
+    out = dict(data)
+    for key in ("kernel", "initrd"):
+        if isinstance(out.get(key), str):
+            out[key] = str(base / out[key])
+    if isinstance(out.get("devices"), list):
+        out["devices"] = [
+            {**d, "path": str(base / d["path"])}
+            if isinstance(d, dict) and isinstance(d.get("path"), str) else d
+            for d in out["devices"]]
+    return out
+
+
+def load_spec_file(path: Path, *, name: str | None = None) -> VmSpec:
+    """Read a TOML spec file."""
+    return spec_from_mapping(read_spec_file(path), name=name)
 
 
 def apply_overrides(spec_data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,7 +23,7 @@ echo "== hvtools vm stop $name"
 "$hv" vm stop "$name"
 "$hv" vm rm "$name"
 trap - EXIT
-if pgrep -f "hvtools.*/vms/$name/" >/dev/null; then
+if pgrep -f "qemu-system-x86_64 -name $name," >/dev/null; then
   echo "demo: a QEMU of $name is still running" >&2
   exit 1
 fi

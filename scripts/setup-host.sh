@@ -23,11 +23,9 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
   need_update=1
 fi
-if ! grep -rqs '^Types:.*deb-src' /etc/apt/sources.list.d/ && ! grep -qs '^deb-src' /etc/apt/sources.list; then
-  need_update=1
-fi
 
-PKGS=(busybox-static cpio kmod xz-utils zstd gcc libc6-dev make pkg-config
+PKGS=(python3 python3-venv python3-dev busybox-static cpio kmod xz-utils zstd gcc libc6-dev
+      make pkg-config
       libvirt-daemon-system libvirt-dev iproute2 util-linux libfabric1 libfabric-bin)
 BPO_PKGS=(qemu-system-x86 qemu-utils qemu-system-common qemu-system-data seabios)
 

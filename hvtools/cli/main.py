@@ -13,14 +13,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from hvtools import __version__
-from hvtools.errors import HvError, SpecError, UnknownVmError, UsageError
+from hvtools.errors import HvError, UnknownVmError, UsageError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,16 +32,38 @@ DRIVERS = ("qemu", "libvirt")  # hvtools.control.drivers.DRIVERS, without import
 
 
 class HvGroup(click.Group):
-    """A click group that turns HvError into one red line and its exit status."""
+    """The command group; errors are turned into one line by :func:`run`."""
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except HvError as e:
-            err.print(f"[red]error:[/red] {_one_line(str(e))}", markup=True)
-            if os.environ.get("HVTOOLS_DEBUG"):
-                raise
-            sys.exit(e.exit_status)
+
+def _fail(message: str, status: int) -> NoReturn:
+    err.print(f"[red]error:[/red] {_one_line(message)}", markup=True)
+    sys.exit(status)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console entry point: the one error boundary. Every failure is one red line on stderr.
+
+    HvError → its exit status (2 for bad input); click usage errors → 2; OS errors → 1.
+    """
+    try:
+        status = main.main(args=argv, prog_name="hvtools", standalone_mode=False)
+    except HvError as e:
+        if os.environ.get("HVTOOLS_DEBUG"):
+            raise
+        _fail(str(e), e.exit_status)
+    except click.UsageError as e:
+        hint = f" (see hvtools {e.ctx.command_path.partition(' ')[2]} --help)".replace(
+            "hvtools  --help", "hvtools --help") if e.ctx else ""
+        _fail(e.format_message() + hint, 2)
+    except click.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", 130)
+    except OSError as e:
+        if os.environ.get("HVTOOLS_DEBUG"):
+            raise
+        _fail(f"{e.strerror or e}" + (f": {e.filename}" if e.filename else ""), 1)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 def _one_line(text: str) -> str:
@@ -119,7 +141,7 @@ def spec_options(f: F) -> F:
     return f
 
 
-def _parse_device(text: str, index: int) -> dict[str, Any]:
+def _parse_device(text: str) -> dict[str, Any]:
     kind, _, path = text.partition(":")
     d: dict[str, Any] = {"type": kind}
     if path:
@@ -128,26 +150,18 @@ def _parse_device(text: str, index: int) -> dict[str, Any]:
 
 
 def _build_spec(name: str, spec_file: Path | None, flags: dict[str, Any]) -> Any:
-    from hvtools.spec import apply_overrides, spec_from_mapping
+    from hvtools.spec import absolutize_paths, apply_overrides, read_spec_file, spec_from_mapping
 
-    data: dict[str, Any] = {}
-    if spec_file is not None:
-        import tomllib
-
-        try:
-            data = tomllib.loads(spec_file.read_text())
-        except FileNotFoundError:
-            raise SpecError("spec", f"no such file: {spec_file}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise SpecError("spec", f"{spec_file}: not valid TOML: {e}") from e
+    data = read_spec_file(spec_file) if spec_file is not None else {}
     over: dict[str, Any] = {
         "memory": flags.get("memory"), "vcpus": flags.get("vcpus"),
         "iommu": flags.get("iommu"), "accel": flags.get("accel"),
         "kernel_args": flags.get("kernel_args"),
-        "devices": [_parse_device(d, i) for i, d in enumerate(flags.get("devices") or ())] or None,
+        "devices": [_parse_device(d) for d in flags.get("devices") or ()] or None,
         "ivshmem": [dict(zip(("name", "size"), r.split(":", 1), strict=False))
                     for r in flags.get("ivshmem") or ()] or None,
     }
+    over = absolutize_paths({k: v for k, v in over.items() if v is not None}, Path.cwd())
     return spec_from_mapping(apply_overrides(data, over), name=name)
 
 
@@ -225,8 +239,10 @@ def vm_start(name: str, spec_file: Path | None, driver: str | None, as_json: boo
         return
     out.print(f"started {name} ({info.driver}, {info.accel}, pid {info.pid})")
     if timings:
+        probe = tm.phases.get("accel_probe_s", 0.0)
+        note = f"   (before that: accelerator probe {probe:.2f}s)" if probe > 0.5 else ""
         out.print(f"  QEMU up: {tm.launched_s:.2f}s   boot-to-agent-ready: "
-                  f"{tm.agent_ready_s:.2f}s")
+                  f"{tm.agent_ready_s:.2f}s{note}")
 
 
 @vm.command("stop")
@@ -268,15 +284,13 @@ def vm_rm(name: str, driver: str | None) -> None:
 @json_option
 def vm_list(driver: str | None, as_json: bool) -> None:
     """List VMs (both drivers unless --driver is given; libvirt only if libvirtd runs)."""
-    infos: list[Any] = []
-    kinds = [driver] if driver else ["qemu", "libvirt"]
-    for kind in kinds:
-        if kind == "libvirt" and not driver:
-            from hvtools.libvirt.daemon import libvirtd_reachable
+    from hvtools.control.drivers import list_all
 
-            if not libvirtd_reachable():
-                continue
-        infos += _driver(kind).list()
+    infos: list[Any] = []
+    for drv, vms in list_all(driver):
+        infos += vms
+        for broken, why in getattr(drv, "damaged", {}).items():
+            err.print(f"[yellow]warning:[/yellow] {broken}: {why}")
     if as_json:
         _emit_json([i.to_json() for i in infos])
         return
@@ -476,4 +490,4 @@ def doctor(as_json: bool) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run()

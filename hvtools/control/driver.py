@@ -8,8 +8,9 @@ primitives (``_launch``, ``_process_alive``, ``_qmp``, ...).
 from __future__ import annotations
 
 import abc
-import builtins
+import fcntl
 import json
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from hvtools.control.accel import resolve_accel
 from hvtools.errors import (
     AgentError,
     HvError,
@@ -81,10 +83,11 @@ class VmInfo:
 
 @dataclass
 class StartTimings:
-    """Wall-clock phases of one start, in seconds from the launch call."""
+    """Wall-clock phases of one start, in seconds from the launch of the hypervisor."""
 
     launched_s: float = 0.0  # hypervisor process running (QMP answers)
-    agent_ready_s: float = 0.0  # guest agent answered its first ping
+    agent_ready_s: float = 0.0  # guest agent answered its first ping (boot-to-agent-ready)
+    # Before the clock starts: e.g. accel_probe_s, the one-time KVM probe.
     phases: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, float]:
@@ -93,8 +96,38 @@ class StartTimings:
                 **{k: round(v, 3) for k, v in self.phases.items()}}
 
 
-def boot_files(spec: VmSpec) -> tuple[Path, Path]:
-    """The kernel and initrd to boot: the spec's own, else the current guest image's."""
+def tail_lines(path: Path | None, lines: int = 10) -> list[str]:
+    """The last non-blank lines of a log file (its last 16 KiB), or [] if it cannot be read."""
+    if path is None:
+        return []
+    try:
+        text = path.read_bytes()[-16384:].decode("utf-8", "replace")
+    except OSError:
+        return []
+    return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+
+
+@contextmanager
+def locked(lockfile: Path) -> Iterator[None]:
+    """Hold an exclusive flock on ``lockfile`` (created if missing) for the block.
+
+    Commands that change one VM take it, so two concurrent starts cannot both launch.
+    """
+    lockfile.parent.mkdir(parents=True, exist_ok=True)
+    with open(lockfile, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def preflight(spec: VmSpec) -> tuple[Path, Path]:
+    """Check what the host must provide before anything starts; return (kernel, initrd).
+
+    The kernel and initrd are the spec's own, else the current guest image's. A missing file
+    is bad input (UsageError), found before QEMU runs.
+    """
     from hvtools.guest.image import find_image
 
     if spec.kernel and spec.initrd:
@@ -103,9 +136,13 @@ def boot_files(spec: VmSpec) -> tuple[Path, Path]:
         image = find_image()
         kernel = Path(spec.kernel) if spec.kernel else image.kernel
         initrd = Path(spec.initrd) if spec.initrd else image.initrd
-    for what, p in (("kernel", kernel), ("initrd", initrd)):
-        if not p.exists():
-            raise UsageError(f"{what} {p} does not exist")
+    files = [("kernel", kernel), ("initrd", initrd)]
+    files += [(f"device {d.id}", Path(d.path)) for d in spec.devices if d.path]
+    for what, p in files:
+        if not p.is_file():
+            raise UsageError(f"{what}: {p} does not exist or is not a file")
+        if not os.access(p, os.R_OK):
+            raise UsageError(f"{what}: {p} is not readable")
     return kernel, initrd
 
 
@@ -186,8 +223,11 @@ class Driver(abc.ABC):
             why = f" ({vm.detail})" if vm.detail else ""
             raise StateError(f"VM {name!r} has stale state from a hypervisor that died{why}; "
                              f"run `hvtools vm kill {name}` to clean it up first")
-        t0 = time.monotonic()
         timings = StartTimings()
+        t_probe = time.monotonic()
+        resolve_accel(vm.spec.accel, progress=progress)  # probes once; cached for _launch
+        timings.phases["accel_probe_s"] = time.monotonic() - t_probe
+        t0 = time.monotonic()
         vm = self._launch(name, progress)
         timings.launched_s = time.monotonic() - t0
         progress(f"{name}: QEMU running after {timings.launched_s:.2f}s, waiting for the guest")
@@ -197,7 +237,7 @@ class Driver(abc.ABC):
                                     alive=lambda: self._process_alive(name))
             client.close()
         except (HvError, OSError) as err:
-            tail = self._log_tail(vm)
+            tail = tail_lines(vm.console_log, 12)
             self._force_off(name)
             what = "died while booting" if isinstance(err, AgentError) else "did not boot"
             raise VmLaunchFailure(f"VM {name!r} {what}: {err}", log_tail=tail) from err
@@ -209,18 +249,23 @@ class Driver(abc.ABC):
         return self.info(name), timings
 
     @staticmethod
-    def _remove_ivshmem(spec: VmSpec) -> None:
-        """Delete the VM's ivshmem backing files; called when a VM is undefined."""
-        for region in spec.ivshmem:
-            region.path.unlink(missing_ok=True)
+    def _claim_ivshmem(spec: VmSpec, state_dir: Path) -> None:
+        """Before launch: note which ivshmem files this VM's QEMU will create, so that only
+        those are deleted with the VM (a file that already existed may be shared)."""
+        record = state_dir / "ivshmem-created"
+        owned = set(record.read_text().split()) if record.exists() else set()
+        owned |= {str(r.path) for r in spec.ivshmem if not r.path.exists()}
+        state_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text("".join(f"{p}\n" for p in sorted(owned)))
 
     @staticmethod
-    def _log_tail(vm: VmInfo, lines: int = 12) -> builtins.list[str]:
-        """The last lines of the console log (what the guest printed before it went wrong)."""
-        if vm.console_log is None or not vm.console_log.exists():
-            return []
-        text = vm.console_log.read_bytes()[-16384:].decode("utf-8", "replace")
-        return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+    def _remove_ivshmem(state_dir: Path) -> None:
+        """When a VM is undefined: delete the ivshmem files its QEMU created."""
+        record = state_dir / "ivshmem-created"
+        if record.exists():
+            for p in record.read_text().split():
+                Path(p).unlink(missing_ok=True)
+            record.unlink()
 
     @contextmanager
     def agent(self, name: str, timeout: float = 10.0) -> Iterator[AgentClient]:

@@ -6,7 +6,7 @@ only asked when its daemon is already listening: a lookup never starts a daemon.
 
 from __future__ import annotations
 
-from hvtools.control.driver import Driver
+from hvtools.control.driver import Driver, VmInfo
 from hvtools.errors import NameInUseError, UnknownVmError, UsageError
 
 DRIVERS = ("qemu", "libvirt")
@@ -39,6 +39,19 @@ def _holders(name: str) -> list[Driver]:
             continue
         found.append(drv)
     return found
+
+
+def list_all(explicit: str | None = None) -> list[tuple[Driver, list[VmInfo]]]:
+    """Every driver's VMs: the explicit driver's, else qemu's and (if it runs) libvirt's."""
+    from hvtools.libvirt.daemon import libvirtd_reachable
+
+    kinds = [explicit] if explicit else [k for k in DRIVERS
+                                         if k != "libvirt" or libvirtd_reachable()]
+    out = []
+    for kind in kinds:
+        drv = make_driver(kind)
+        out.append((drv, drv.list()))
+    return out
 
 
 def find_driver(name: str, explicit: str | None = None) -> Driver:

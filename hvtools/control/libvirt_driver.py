@@ -38,7 +38,15 @@ import libvirt_qemu
 
 from hvtools import paths
 from hvtools.control.accel import resolve_accel
-from hvtools.control.driver import Driver, Progress, VmInfo, VmState, boot_files
+from hvtools.control.driver import (
+    Driver,
+    Progress,
+    VmInfo,
+    VmState,
+    locked,
+    preflight,
+    tail_lines,
+)
 from hvtools.errors import (
     NameInUseError,
     QmpError,
@@ -124,14 +132,6 @@ def logged_command(name: str, *, since: int = 0) -> list[str]:
     while words and "=" in words[0] and not words[0].startswith("/"):
         words.pop(0)  # LC_ALL=C PATH=... HOME=... before the binary
     return words
-
-
-def _text_tail(path: Path, lines: int) -> list[str]:
-    try:
-        text = path.read_bytes()[-16384:].decode("utf-8", "replace")
-    except OSError:
-        return []
-    return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
 
 
 class LibvirtDriver(Driver):
@@ -238,9 +238,9 @@ class LibvirtDriver(Driver):
                               | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
         except libvirt.libvirtError as err:
             raise libvirt_error(err, f"undefining domain {name!r}") from err
+        self._remove_ivshmem(state_dir(name))
         if vm.state_dir is not None and vm.state_dir.name == name:
             shutil.rmtree(vm.state_dir, ignore_errors=True)
-        self._remove_ivshmem(vm.spec)
 
     def info(self, name: str) -> VmInfo:
         return self._info(self._domain(name))
@@ -285,7 +285,7 @@ class LibvirtDriver(Driver):
         if crash is not None:
             tail = log_tail(name)
             if crash.startswith("guest kernel") and where.console_log is not None:
-                console = _text_tail(where.console_log, 200)
+                console = tail_lines(where.console_log, 200)
                 panic = [ln for ln in console if "Kernel panic" in ln]
                 tail += panic[-1:] + console[-2:]
             return VmInfo(state=VmState.CRASHED, detail=crash, log_tail=tuple(tail or [crash]),
@@ -327,36 +327,41 @@ class LibvirtDriver(Driver):
 
         On failure no QEMU and no agent socket remain; the domain stays defined.
         """
-        dom = self._domain(name)
-        spec = self._spec(dom)
-        assert spec is not None
-        if dom.isActive():
-            raise StateError(f"VM {name!r} is already running")
-        qemu = find_qemu()
-        accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
-        kernel, initrd = boot_files(spec)
-        plan = self._plan(spec, accel, kernel, initrd)
-        plan.agent_socket.parent.mkdir(parents=True, exist_ok=True)
-        plan.agent_socket.unlink(missing_ok=True)
-        xml = render_domain_xml(spec, plan, emulator=str(qemu.path), uuid=dom.UUIDString())
-        try:
-            dom = self.conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
-        except libvirt.libvirtError as err:
-            raise libvirt_error(err, f"redefining domain {name!r} for launch") from err
-        progress(f"{name}: starting libvirt domain on QEMU {qemu.version_str} ({accel})")
-        since = log_size(name)
-        try:
-            dom.create()
-        except libvirt.libvirtError as err:
-            self._cleanup(dom, plan.agent_socket)
-            raise VmLaunchFailure(
-                f"libvirt could not start VM {name!r}: {err.get_error_message() or err}",
-                command=logged_command(name, since=since),
-                log_tail=log_tail(name, since=since)) from err
-        except BaseException:
-            self._cleanup(dom, plan.agent_socket)
-            raise
-        return self._info(dom)
+        with locked(state_dir(name) / "lock"):
+            dom = self._domain(name)
+            spec = self._spec(dom)
+            assert spec is not None
+            if dom.isActive():
+                raise StateError(f"VM {name!r} is already running")
+            qemu = find_qemu()
+            accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
+            kernel, initrd = preflight(spec)
+            plan = self._plan(spec, accel, kernel, initrd)
+            plan.agent_socket.parent.mkdir(parents=True, exist_ok=True)
+            plan.agent_socket.unlink(missing_ok=True)
+            self._claim_ivshmem(spec, state_dir(name))
+            xml = render_domain_xml(spec, plan, emulator=str(qemu.path), uuid=dom.UUIDString())
+            try:
+                dom = self.conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+            except libvirt.libvirtError as err:
+                raise libvirt_error(err, f"redefining domain {name!r} for launch") from err
+            progress(f"{name}: starting libvirt domain on QEMU {qemu.version_str} ({accel})")
+            since = log_size(name)
+            try:
+                dom.create()
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID and dom.isActive():
+                    # Someone else started it meanwhile: theirs is running, leave it alone.
+                    raise StateError(f"VM {name!r} is already running") from err
+                self._cleanup(dom, plan.agent_socket)
+                raise VmLaunchFailure(
+                    f"libvirt could not start VM {name!r}: {err.get_error_message() or err}",
+                    command=logged_command(name, since=since),
+                    log_tail=log_tail(name, since=since)) from err
+            except BaseException:
+                self._cleanup(dom, plan.agent_socket)
+                raise
+            return self._info(dom)
 
     @staticmethod
     def _cleanup(dom: libvirt.virDomain, agent_socket: Path | None) -> None:

@@ -18,7 +18,6 @@ State is derived from these files and the live process, never stored as a word t
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -32,12 +31,22 @@ from typing import Any
 
 from hvtools import paths
 from hvtools.control.accel import resolve_accel
-from hvtools.control.driver import Driver, Progress, VmInfo, VmState, boot_files
+from hvtools.control.driver import (
+    Driver,
+    Progress,
+    VmInfo,
+    VmState,
+    locked,
+    preflight,
+    tail_lines,
+)
 from hvtools.errors import (
     HvError,
     NameInUseError,
+    StateError,
     UnknownVmError,
     UsageError,
+    VmError,
     VmLaunchFailure,
 )
 from hvtools.qemu.binary import find_qemu
@@ -78,13 +87,6 @@ def _read_int(path: Path) -> int | None:
         return None
 
 
-def _tail(path: Path, lines: int = 10) -> list[str]:
-    if not path.exists():
-        return []
-    text = path.read_bytes()[-16384:].decode("utf-8", "replace")
-    return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
-
-
 def _describe_exit(code: int) -> str:
     if code < 0:
         try:
@@ -101,6 +103,8 @@ class QemuDriver(Driver):
 
     def __init__(self, root: Path | None = None) -> None:
         self.root = root or paths.vms_dir()
+        #: VMs whose state dir could not be read by the last list(), with the reason.
+        self.damaged: dict[str, str] = {}
 
     # -- state dir helpers ------------------------------------------------------------------
     def _dir(self, name: str) -> Path:
@@ -115,15 +119,14 @@ class QemuDriver(Driver):
     @contextlib.contextmanager
     def _locked(self, name: str) -> Iterator[Path]:
         d = self._require_dir(name)
-        with open(d / "lock", "a") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield d
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with locked(d / "lock"):
+            yield d
 
     def _spec(self, d: Path) -> VmSpec:
-        return spec_from_mapping(json.loads((d / "spec.json").read_text()))
+        try:
+            return spec_from_mapping(json.loads((d / "spec.json").read_text()))
+        except (OSError, ValueError, HvError) as err:
+            raise VmError(f"state dir {d} is damaged: spec.json: {err}") from err
 
     def _qemu_pid(self, d: Path) -> int | None:
         """QEMU's pid if that process is alive and really is this VM's QEMU."""
@@ -135,6 +138,18 @@ class QemuDriver(Driver):
         except OSError:
             return None
         return pid if str(d / "qmp.sock").encode() in cmdline else None
+
+    def _supervisor_pid(self, d: Path) -> int | None:
+        """The supervisor's pid if that process is alive and supervises this state dir."""
+        pid = _read_int(d / "supervisor.pid")
+        if pid is None or not _pid_alive(pid):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        return pid if b"hvtools.qemu.supervisor" in cmdline and str(d).encode() in cmdline \
+            else None
 
     def _plan_paths(self, d: Path, name: str) -> dict[str, Path]:
         plan = {"agent_socket": d / "agent.sock", "qmp_socket": d / "qmp.sock",
@@ -168,14 +183,14 @@ class QemuDriver(Driver):
             if vm.state.active:
                 raise UsageError(f"VM {name!r} is {vm.state}: stop it first")
             self._clean_runtime(d, name)
-            self._remove_ivshmem(vm.spec)
+            self._remove_ivshmem(d)
         shutil.rmtree(d)
 
     def info(self, name: str) -> VmInfo:
         d = self._require_dir(name)
         spec = self._spec(d)
         launch: dict[str, Any] = {}
-        if (d / "launch.json").exists():
+        with contextlib.suppress(OSError, ValueError):
             launch = json.loads((d / "launch.json").read_text())
         common: dict[str, Any] = {
             "name": name, "driver": self.name, "spec": spec, "state_dir": d,
@@ -191,37 +206,49 @@ class QemuDriver(Driver):
                                             "postmigrate", "suspended"):
                     state = VmState.PAUSED
             return VmInfo(state=state, pid=pid, **common)
-        exit_info = None
-        if (d / "exit.json").exists():
-            exit_info = json.loads((d / "exit.json").read_text())
-        had_run = (d / "qemu.pid").exists()
-        if not had_run:
+        if not (d / "qemu.pid").exists():
             return VmInfo(state=VmState.DEFINED, **common)
-        code = exit_info["returncode"] if exit_info else None
-        console = _tail(d / "console.log", 40)
+        if self._supervisor_pid(d) is not None:
+            # QEMU is gone (or a zombie) and its supervisor is recording the exit: stopping.
+            return VmInfo(state=VmState.RUNNING, detail="stopping", **common)
+        code: int | None = None
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            code = int(json.loads((d / "exit.json").read_text())["returncode"])
+        console = tail_lines(d / "console.log", 40)
         panicked = any("Kernel panic" in ln for ln in console)
         if code == 0 and not panicked:
-            # The guest powered off (or QMP quit): a clean stop; the next query tidies up.
+            # The guest powered off (or QMP quit): a clean stop. Tidy its runtime files now.
+            self._clean_runtime(d, name)
             return VmInfo(state=VmState.DEFINED, detail="guest powered off", **common)
         detail = ("guest kernel panicked" if panicked else
                   _describe_exit(code) if code is not None else
                   "QEMU and its supervisor are gone (killed?)")
-        log_tail = tuple(_tail(d / "qemu.log") + ([ln for ln in console[-5:]] if panicked else []))
+        log_tail = tuple(tail_lines(d / "qemu.log") + (console[-5:] if panicked else []))
         return VmInfo(state=VmState.CRASHED, detail=detail,
                       log_tail=log_tail or (detail,), **common)
 
     def list(self) -> list[VmInfo]:
         if not self.root.exists():
             return []
-        return [self.info(d.name) for d in sorted(self.root.iterdir())
-                if (d / "spec.json").exists()]
+        out = []
+        for d in sorted(self.root.iterdir()):
+            if not (d / "spec.json").exists():
+                continue
+            try:
+                out.append(self.info(d.name))
+            except VmError as err:
+                self.damaged[d.name] = str(err)
+        return out
 
     def _launch(self, name: str, progress: Progress) -> VmInfo:
         with self._locked(name) as d:
+            # Re-check under the lock: another start may have won the race since start() looked.
+            if self._qemu_pid(d) is not None or self._supervisor_pid(d) is not None:
+                raise StateError(f"VM {name!r} is already running")
             spec = self._spec(d)
             qemu = find_qemu()
             accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
-            kernel, initrd = boot_files(spec)
+            kernel, initrd = preflight(spec)
             plan = LaunchPlan(accel=accel, kernel=kernel, initrd=initrd,
                               **self._plan_paths(d, name))
             self._clean_runtime(d, name)
@@ -229,19 +256,21 @@ class QemuDriver(Driver):
                 if region.path.exists() and not os.access(region.path, os.W_OK):
                     raise UsageError(f"ivshmem {region.path} exists and is not writable")
             plan.ram_path.parent.mkdir(parents=True, exist_ok=True)
+            self._claim_ivshmem(spec, d)
             argv = render_argv(spec, plan, qemu=str(qemu.path))
             (d / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
             (d / "launch.json").write_text(json.dumps({
                 "accel": str(accel), "qemu": str(qemu.path), "qemu_version": qemu.version_str,
                 "kernel": str(kernel), "initrd": str(initrd),
                 "started_at": time.time()}) + "\n")
-            for log in ("console.log", "qemu.log"):
-                (d / log).write_bytes(b"")
+            for logname in ("console.log", "qemu.log"):
+                (d / logname).write_bytes(b"")
             progress(f"{name}: launching QEMU {qemu.version_str} ({accel})")
-            sup = subprocess.Popen(
-                [sys.executable, "-m", "hvtools.qemu.supervisor", str(d)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                start_new_session=True, close_fds=True)
+            with open(d / "qemu.log", "ab") as log:
+                sup = subprocess.Popen(
+                    [sys.executable, "-m", "hvtools.qemu.supervisor", str(d)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    start_new_session=True, close_fds=True)
             (d / "supervisor.pid").write_text(f"{sup.pid}\n")
             try:
                 self._wait_qmp(d, sup)
@@ -265,7 +294,7 @@ class QemuDriver(Driver):
                 exit_info = {}
                 if (d / "exit.json").exists():
                     exit_info = json.loads((d / "exit.json").read_text())
-                tail = _tail(d / "qemu.log")
+                tail = tail_lines(d / "qemu.log")
                 code = exit_info.get("returncode")
                 first = tail[-1] if tail else (_describe_exit(code) if code is not None
                                                else "no output")
@@ -279,7 +308,7 @@ class QemuDriver(Driver):
                     pass
             time.sleep(0.02)
         raise VmLaunchFailure(f"QEMU's QMP socket did not answer within {_QMP_READY_TIMEOUT:.0f}s",
-                              log_tail=_tail(d / "qemu.log"))
+                              log_tail=tail_lines(d / "qemu.log"))
 
     def _kill_processes(self, d: Path) -> None:
         pid = self._qemu_pid(d)
@@ -289,14 +318,15 @@ class QemuDriver(Driver):
             deadline = time.monotonic() + 10
             while _pid_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-        sup = _read_int(d / "supervisor.pid")
-        if sup is not None and _pid_alive(sup):
+        sup = self._supervisor_pid(d)
+        if sup is not None:
             # The supervisor exits by itself once QEMU is gone; give it a moment, then insist.
             deadline = time.monotonic() + 5
-            while _pid_alive(sup) and time.monotonic() < deadline:
+            while self._supervisor_pid(d) is not None and time.monotonic() < deadline:
                 time.sleep(0.02)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(sup, signal.SIGKILL)
+            if self._supervisor_pid(d) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(sup, signal.SIGKILL)
 
     def _clean_runtime(self, d: Path, name: str) -> None:
         """Remove pid files, sockets and the RAM file of a run that is over."""
@@ -334,10 +364,3 @@ class QemuDriver(Driver):
 
     def hmp(self, name: str, command_line: str) -> str:
         return hmp_call(self._qmp_socket(name), command_line)
-
-    def tidy(self, name: str) -> None:
-        """After a clean guest poweroff, remove the leftover pid files and sockets."""
-        vm = self.info(name)
-        if vm.state is VmState.DEFINED and (self._dir(name) / "qemu.pid").exists():
-            self._force_off(name)
-

@@ -8,6 +8,12 @@ from __future__ import annotations
 from hvtools.spec import AGENT_PORT, DeviceSpec, DeviceType, LaunchPlan, VmSpec, format_size
 
 
+def opt(value: object) -> str:
+    """A value inside a QEMU ``key=value,...`` option string: commas are doubled
+    (QEMU docs, "Options and arguments": a literal comma is written ``,,``)."""
+    return str(value).replace(",", ",,")
+
+
 def _onoff(value: bool) -> str:
     return "on" if value else "off"
 
@@ -29,7 +35,7 @@ def iommu_device_arg(spec: VmSpec) -> str | None:
     ])
 
 
-def _virtio(spec: VmSpec, driver: str, dev_id: str, platform: bool, extra: str = "") -> str:
+def _virtio(driver: str, dev_id: str, platform: bool, extra: str = "") -> str:
     # iommu_platform (VIRTIO_F_ACCESS_PLATFORM, virtio 1.1 s6) needs a modern-only device.
     parts = [driver, f"id={dev_id}"]
     if platform:
@@ -43,14 +49,14 @@ def _device_args(spec: VmSpec, dev: DeviceSpec) -> list[str]:
     platform = spec.device_iommu_platform(dev)
     if dev.type is DeviceType.RNG:
         return ["-object", f"rng-random,id={dev.id}-rng,filename=/dev/urandom",
-                "-device", _virtio(spec, "virtio-rng-pci", dev.id, platform, f"rng={dev.id}-rng")]
+                "-device", _virtio("virtio-rng-pci", dev.id, platform, f"rng={dev.id}-rng")]
     if dev.type is DeviceType.BLK:
-        return ["-blockdev", f"driver=file,node-name={dev.id}-file,filename={dev.path}",
+        return ["-blockdev", f"driver=file,node-name={dev.id}-file,filename={opt(dev.path)}",
                 "-blockdev", f"driver=raw,node-name={dev.id}-fmt,file={dev.id}-file",
-                "-device", _virtio(spec, "virtio-blk-pci", dev.id, platform, f"drive={dev.id}-fmt")]
+                "-device", _virtio("virtio-blk-pci", dev.id, platform, f"drive={dev.id}-fmt")]
     # virtio-net with no backend traffic leaving the VM: a user-mode netdev with restrict=on.
     return ["-netdev", f"user,id={dev.id}-net,restrict=on",
-            "-device", _virtio(spec, "virtio-net-pci", dev.id, platform, f"netdev={dev.id}-net")]
+            "-device", _virtio("virtio-net-pci", dev.id, platform, f"netdev={dev.id}-net")]
 
 
 def render_argv(spec: VmSpec, plan: LaunchPlan, *, qemu: str = "qemu-system-x86_64") -> list[str]:
@@ -66,29 +72,29 @@ def render_argv(spec: VmSpec, plan: LaunchPlan, *, qemu: str = "qemu-system-x86_
         "-smp", str(spec.vcpus),
         "-m", format_size(spec.memory),
         "-object", (f"memory-backend-file,id=ram0,size={format_size(spec.memory)},"
-                    f"mem-path={plan.ram_path},share=on"),
+                    f"mem-path={opt(plan.ram_path)},share=on"),
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-kernel", str(plan.kernel), "-initrd", str(plan.initrd),
         "-append", " ".join(spec.guest_kernel_args),
-        "-chardev", f"file,id=console0,path={plan.console_log}",
+        "-chardev", f"file,id=console0,path={opt(plan.console_log)}",
         "-serial", "chardev:console0",
     ]
     if plan.qmp_socket is not None:
-        argv += ["-chardev", f"socket,id=qmp0,path={plan.qmp_socket},server=on,wait=off",
+        argv += ["-chardev", f"socket,id=qmp0,path={opt(plan.qmp_socket)},server=on,wait=off",
                  "-mon", "chardev=qmp0,mode=control"]
     iommu = iommu_device_arg(spec)
     if iommu:
         # The vIOMMU must precede the PCI devices it translates (QEMU docs/devel, intel-iommu).
         argv += ["-device", iommu]
     argv += [
-        "-device", _virtio(spec, "virtio-serial-pci", "vser0", spec.iommu is not None),
-        "-chardev", f"socket,id=agent0,path={plan.agent_socket},server=on,wait=off",
+        "-device", _virtio("virtio-serial-pci", "vser0", spec.iommu is not None),
+        "-chardev", f"socket,id=agent0,path={opt(plan.agent_socket)},server=on,wait=off",
         "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT}",
     ]
     for dev in spec.devices:
         argv += _device_args(spec, dev)
     for region in spec.ivshmem:
         argv += ["-object", (f"memory-backend-file,id=shm-{region.name},"
-                             f"size={format_size(region.size)},mem-path={region.path},share=on"),
+                             f"size={format_size(region.size)},mem-path={opt(region.path)},share=on"),
                  "-device", f"ivshmem-plain,id={region.name},memdev=shm-{region.name}"]
     return argv

@@ -34,8 +34,8 @@ async def _run(socket: Path, calls: Sequence[tuple[str, dict[str, Any] | None]],
         raise VmError(f"cannot reach QMP at {socket}: {err}") from err
     except TimeoutError as err:
         raise HvTimeout(f"QMP {name} did not answer within {timeout:.0f}s") from err
-    except QMPError as err:
-        raise VmError(f"QMP {name} failed: {err}") from err
+    except (QMPError, EOFError, OSError) as err:
+        raise VmError(f"QMP {name} failed: {type(err).__name__}: {err}") from err
     finally:
         await client.disconnect()
 
@@ -44,12 +44,6 @@ def qmp_call(socket: Path, command: str, arguments: dict[str, Any] | None = None
              *, timeout: float = 10.0) -> Any:
     """Run one QMP command; return its ``return`` value, or raise QmpError with the reply."""
     return asyncio.run(_run(socket, [(command, arguments)], timeout))[0]
-
-
-def qmp_calls(socket: Path, calls: Sequence[tuple[str, dict[str, Any] | None]],
-              *, timeout: float = 10.0) -> list[Any]:
-    """Several commands over one connection, in order."""
-    return asyncio.run(_run(socket, calls, timeout))
 
 
 def hmp_call(socket: Path, command_line: str, *, timeout: float = 10.0) -> str:

@@ -25,16 +25,22 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def main(state_dir: Path) -> int:
     argv = json.loads((state_dir / "argv.json").read_text())
+    forwarded = (signal.SIGTERM, signal.SIGINT)
+    # Hold the signals until QEMU exists to receive them, so none is lost in between.
+    signal.pthread_sigmask(signal.SIG_BLOCK, forwarded)
     with open(state_dir / "qemu.log", "ab", buffering=0) as log:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                cwd=state_dir)
+                                cwd=state_dir,
+                                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK,
+                                                                          forwarded))
 
         def forward(signum: int, _frame: FrameType | None) -> None:
             proc.send_signal(signum)
 
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
+        for sig in forwarded:
+            signal.signal(sig, forward)
         _write_atomic(state_dir / "qemu.pid", f"{proc.pid}\n")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
         code = proc.wait()
     _write_atomic(state_dir / "exit.json",
                   json.dumps({"returncode": code, "pid": proc.pid, "time": time.time()}))

@@ -37,8 +37,14 @@ def _assert_one_line_error(res: object, needle: str, code: int = 2) -> None:
 
 
 def _nothing_left(name: str) -> None:
+    """No state dir, QEMU, RAM file or libvirt domain of ``name`` remains."""
+    from hvtools.control.qemu_driver import ram_path
+
     assert not (paths.vms_dir() / name).exists()
     assert qemu_pids_for(name) == []
+    assert not ram_path(name).exists()
+    listed = json.loads(hvtools_cli("vm", "list", "--json").stdout)
+    assert all(v["name"] != name for v in listed)
 
 
 @pytest.mark.parametrize(("args", "needle"), [
@@ -54,8 +60,23 @@ def test_bad_spec_input(name: str, args: list[str], needle: str) -> None:
 
 
 def test_unknown_option_is_a_usage_error(name: str) -> None:
-    res = hvtools_cli("vm", "start", name, "--frobnicate")
-    assert res.returncode == 2 and "No such option" in res.stderr
+    _assert_one_line_error(hvtools_cli("vm", "start", name, "--frobnicate"), "No such option")
+    _nothing_left(name)
+
+
+@pytest.mark.parametrize("drv", ["qemu", "libvirt"])
+def test_bad_input_changes_nothing_on_either_driver(name: str, drv: str) -> None:
+    _assert_one_line_error(hvtools_cli("vm", "start", name, "--driver", drv, "--memory", "1X"),
+                           "'1X' is not a size")
+    _assert_one_line_error(
+        hvtools_cli("vm", "start", name, "--driver", drv, "--device", "virtio-blk:nope.img"),
+        "does not exist")
+    _nothing_left(name)
+
+
+def test_pasid_with_device_iotlb_is_refused_before_qemu(name: str) -> None:
+    _assert_one_line_error(hvtools_cli("vm", "start", name, "--iommu",
+                                       "scalable,pasid,device-iotlb"), "device-iotlb")
     _nothing_left(name)
 
 
@@ -107,6 +128,8 @@ def test_lifecycle_and_errors(name: str, drv: str) -> None:
     assert res.returncode == 0 and "intel_iommu=on,sm_on" in res.stdout
     res = hvtools_cli("vm", "exec", name, "--", "sh", "-c", "exit 42")
     assert res.returncode == 42
+    res = hvtools_cli("vm", "exec", "-i", name, "--", "tr", "a-z", "A-Z", input=b"piped in\n")
+    assert (res.returncode, res.stdout) == (0, "PIPED IN\n")
 
     caps = json.loads(hvtools_cli("iommu", "caps", name, "--json").stdout)
     assert caps["agree"] is True

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from hvtools.control.driver import Driver, VmState
+from hvtools.control.drivers import make_driver
 from hvtools.errors import StateError, VmCrashed
 from hvtools.spec import spec_from_mapping
 from tests.integration.conftest import VmFactory, qemu_pids_for
@@ -111,3 +112,45 @@ def test_devices_visible_in_guest(driver: Driver, vms: VmFactory, tmp_path: obje
     assert blk.stdout == b"hvtools-disk-marker"
     groups = driver.exec(name, ["sh", "-c", "ls /sys/kernel/iommu_groups | wc -l"])
     assert int(groups.stdout) >= 4, "virtio devices behind the vIOMMU get IOMMU groups"
+
+
+def test_concurrent_starts_launch_one_qemu(driver: Driver, vms: VmFactory) -> None:
+    """Two starts racing on one VM: exactly one wins, the other gets StateError."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    name = vms.name("race")
+    driver.create(spec_from_mapping({"name": name, "memory": "256M", "iommu": "none"}))
+
+    def start() -> str:
+        try:
+            make_driver(driver.name).start(name)
+            return "started"
+        except StateError:
+            return "refused"
+
+    with ThreadPoolExecutor(2) as pool:
+        results = sorted(pool.map(lambda _: start(), range(2)))
+    assert results == ["refused", "started"]
+    info = driver.info(name)
+    assert qemu_pids_for(name) == [info.pid]
+    driver.stop(name)
+    assert qemu_pids_for(name) == []
+
+
+def test_guest_poweroff_is_a_clean_stop(driver: Driver, vms: VmFactory) -> None:
+    """A guest that powers itself off is shut off, not crashed, and leaves no runtime files."""
+    name = _boot(driver, vms, "poweroff", iommu="none")
+    driver.exec(name, ["sh", "-c", "(sleep 0.2; poweroff -f) </dev/null >/dev/null 2>&1 &"])
+    deadline = time.monotonic() + 20
+    while qemu_pids_for(name) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    info = driver.info(name)
+    assert info.state is VmState.DEFINED, info
+    assert info.agent_socket is not None and not info.agent_socket.exists()
+    if driver.name == "qemu":
+        from hvtools.control.qemu_driver import ram_path
+
+        assert not ram_path(name).exists()
+        assert info.state_dir is not None and not (info.state_dir / "qemu.pid").exists()
+    driver.start(name)  # and it starts again
+    driver.stop(name)

@@ -74,3 +74,9 @@ def test_shared_ram_backend() -> None:
                if a == "-object" and argv[i + 1].startswith("memory-backend-file,id=ram0"))
     assert "share=on" in obj and f"mem-path={PLAN.ram_path}" in obj
     assert "memory-backend=ram0" in argv[argv.index("-machine") + 1]
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    spec = spec_from_mapping({"name": "c", "devices": [{"type": "virtio-blk", "path": "/a,b.img"}]})
+    argv = render_argv(spec, PLAN)
+    assert "driver=file,node-name=blk0-file,filename=/a,,b.img" in argv
