@@ -88,7 +88,7 @@ int main(int argc, char **argv)
             cmd = &argv[i + 1];
             break;
         } else {
-            fprintf(stderr, "usage: hvpid1 [-s PID -- CMD [ARG...]]\n");
+            fprintf(stderr, "usage: hvpid1 [-s PID] [-- CMD [ARG...]]\n");
             break;
         }
     }
@@ -108,6 +108,12 @@ int main(int argc, char **argv)
     for (int i = 0; i < ninputs; i++)
         pfd[1 + i] = (struct pollfd){.fd = inputs[i], .events = POLLIN};
     time_t last_spawn = 0;
+    /* Start the command only now that the power button is being watched, so an ACPI
+     * powerdown sent as soon as the agent answers is never lost. */
+    if (cmd && supervised < 0) {
+        last_spawn = time(NULL);
+        supervised = spawn(cmd);
+    }
 
     for (;;) {
         if (poll(pfd, (nfds_t)(1 + ninputs), -1) < 0)
