@@ -408,7 +408,9 @@ def test_agent_is_respawned(vm: Guest) -> None:
         raw.connect(str(vm.agent_sock))
         raw.sendall(encode_frame(FrameType.EXEC, 7, encode_exec(
             ExecRequest(("sh", "-c", "kill -KILL $PPID"), b"", 5000))))
-        time.sleep(0.5)
+        # Keep the connection open until the agent is surely dead: on hang-up it kills its
+        # running commands, and a loaded host may not have run the shell yet.
+        time.sleep(2.0)
     client = vm.connect(timeout=30)
     assert client.ping()["pid"] != old_pid
     assert run(vm, "echo", "back") == "back\n"
