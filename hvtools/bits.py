@@ -21,7 +21,7 @@ class BitField:
     doc: str
 
     def __post_init__(self) -> None:
-        if not 0 <= self.lo <= self.hi < 128:
+        if not 0 <= self.lo <= self.hi:
             raise ValueError(f"bad bit range {self.lo}..{self.hi} for {self.name}")
 
     @property
@@ -46,6 +46,12 @@ class BitStruct:
 
     WIDTH: ClassVar[int] = 64
     FIELDS: ClassVar[tuple[BitField, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for f in cls.FIELDS:
+            if f.hi >= cls.WIDTH:
+                raise ValueError(f"{cls.__name__}.{f.name}: bit {f.hi} beyond WIDTH {cls.WIDTH}")
 
     @classmethod
     def field(cls, name: str) -> BitField:
