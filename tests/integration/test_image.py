@@ -43,8 +43,6 @@ pytestmark = pytest.mark.integration
 
 QEMU = "qemu-system-x86_64"
 AGENT_PORT = "org.hvtools.agent.0"
-#: Target for boot-to-agent-ready under TCG; HVTOOLS_BOOT_BUDGET_S overrides it on slow hosts.
-BOOT_BUDGET_S = float(os.environ.get("HVTOOLS_BOOT_BUDGET_S", "6"))
 
 
 @dataclass(frozen=True)
@@ -229,11 +227,11 @@ def read_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
 
 
 def test_build_is_cached_and_findable(guest_image: GuestImage) -> None:
-    t = time.monotonic()
+    before = guest_image.initrd.stat()
     again = build_image()
-    cached_s = time.monotonic() - t
     assert again == guest_image
-    assert cached_s < 5, f"a cached build_image() took {cached_s:.2f} s"
+    after = guest_image.initrd.stat()  # served from the cache: the very same file, untouched
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     assert find_image() == guest_image
     assert os.readlink(guest_image.root.parent / "current") == guest_image.key
 
@@ -281,17 +279,18 @@ def test_initramfs_contents(guest_image: GuestImage) -> None:
 # -- a booted guest -----------------------------------------------------------------------------
 
 
-def test_boot_to_agent_ready(vm: Guest, guest_image: GuestImage,
-                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_agent_identifies_the_guest(vm: Guest, guest_image: GuestImage,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """The agent's ping names the image's kernel. Boot time is printed, not asserted: speed
+    is measured by bench/boot_time.py against its anchor, not by a timed test."""
     assert vm.client is not None
     info = vm.client.ping()
     with capsys.disabled():
         print(f"\n[{vm.variant.name}] boot-to-agent-ready {vm.ready_s:.2f} s "
-              f"(guest uptime at first ping {info['uptime_s']} s, budget {BOOT_BUDGET_S} s)")
+              f"(guest uptime at first ping {info['uptime_s']} s)")
     assert info["release"] == guest_image.kernel_version
     assert info["hostname"] == "hvguest"
     assert "HVTOOLS-READY" in vm.console_text().splitlines()
-    assert vm.ready_s <= BOOT_BUDGET_S
 
 
 def test_exec_cmdline(vm: Guest) -> None:
