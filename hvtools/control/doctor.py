@@ -6,6 +6,8 @@ import ctypes.util
 import os
 import shutil
 import subprocess
+import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +72,6 @@ def _check_kvm() -> Check:
 def _check_tcg_svm() -> Check:
     """Ask QEMU itself what TCG's ``-cpu max`` offers (query-cpu-model-expansion)."""
     qemu = find_qemu()
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="hvtools-doctor-") as tmp:
         sock = Path(tmp) / "qmp.sock"
         proc = subprocess.Popen(
@@ -79,8 +79,6 @@ def _check_tcg_svm() -> Check:
              "-display", "none", "-S", "-qmp", f"unix:{sock},server=on,wait=off"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            import time
-
             deadline = time.monotonic() + 15
             while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)

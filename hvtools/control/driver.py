@@ -96,6 +96,17 @@ class StartTimings:
                 **{k: round(v, 3) for k, v in self.phases.items()}}
 
 
+#: sizeof(sockaddr_un.sun_path) - 1 on Linux (unix(7)).
+SUN_PATH_MAX = 107
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse a unix socket path the kernel cannot bind, before anything is created."""
+    if len(str(path)) > SUN_PATH_MAX:
+        raise UsageError(f"socket path {path} is longer than {SUN_PATH_MAX} bytes: "
+                         "use a shorter HVTOOLS_HOME or VM name")
+
+
 def tail_lines(path: Path | None, lines: int = 10) -> list[str]:
     """The last non-blank lines of a log file (its last 16 KiB), or [] if it cannot be read."""
     if path is None:

@@ -43,6 +43,7 @@ from hvtools.control.driver import (
     Progress,
     VmInfo,
     VmState,
+    check_socket_path,
     locked,
     preflight,
     tail_lines,
@@ -71,7 +72,6 @@ QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 QEMU_RUN_DIR = Path("/run/libvirt/qemu")
 #: qemu.conf ``memory_backing_dir``: libvirt's file-backed RAM lives under it, per domain.
 MEMORY_BACKING_DIR = Path("/var/lib/libvirt/qemu/ram")
-_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux, unix(7)
 _INACTIVE_XML = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
 
 
@@ -192,9 +192,7 @@ class LibvirtDriver(Driver):
     def _plan(spec: VmSpec, accel: Accel, kernel: Path, initrd: Path) -> LaunchPlan:
         d = state_dir(spec.name)
         agent = d / "agent.sock"
-        if len(str(agent)) > _SUN_PATH_MAX:
-            raise UsageError(f"socket path {agent} is longer than {_SUN_PATH_MAX} bytes: "
-                             "use a shorter HVTOOLS_HOME or VM name")
+        check_socket_path(agent)
         # ram_path is informational: libvirt names the file itself under memory_backing_dir.
         return LaunchPlan(accel=accel, kernel=kernel, initrd=initrd,
                           ram_path=MEMORY_BACKING_DIR / spec.name, agent_socket=agent,

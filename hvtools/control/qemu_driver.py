@@ -36,6 +36,7 @@ from hvtools.control.driver import (
     Progress,
     VmInfo,
     VmState,
+    check_socket_path,
     locked,
     preflight,
     tail_lines,
@@ -54,7 +55,6 @@ from hvtools.qemu.cmdline import render_argv
 from hvtools.qemu.qmp import hmp_call, qmp_call
 from hvtools.spec import LaunchPlan, VmSpec, spec_from_mapping
 
-_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux, unix(7)
 _RUNTIME_FILES = ("qemu.pid", "supervisor.pid", "exit.json", "qmp.sock", "agent.sock")
 _QMP_READY_TIMEOUT = 30.0
 
@@ -155,9 +155,7 @@ class QemuDriver(Driver):
         plan = {"agent_socket": d / "agent.sock", "qmp_socket": d / "qmp.sock",
                 "console_log": d / "console.log", "ram_path": ram_path(name)}
         for key in ("agent_socket", "qmp_socket"):
-            if len(str(plan[key])) > _SUN_PATH_MAX:
-                raise UsageError(f"socket path {plan[key]} is longer than {_SUN_PATH_MAX} "
-                                 "bytes: use a shorter HVTOOLS_HOME or VM name")
+            check_socket_path(plan[key])
         return plan
 
     # -- Driver primitives ------------------------------------------------------------------
