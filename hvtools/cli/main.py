@@ -489,5 +489,10 @@ def doctor(as_json: bool) -> None:
     out.print(t)
 
 
+# Command groups kept in their own modules; they import the helpers above.
+from hvtools.cli.mmu import mmu  # noqa: E402
+
+main.add_command(mmu)
+
 if __name__ == "__main__":
     run()
