@@ -10,7 +10,6 @@ cases pin the #PF error codes (P=0x1, W/R=0x2, U/S=0x4, RSVD=0x8, I/D=0x10, PK=0
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 from collections.abc import Iterable
 from pathlib import Path
@@ -470,8 +469,7 @@ def test_mapped_memory_custom_regions(tmp_path: Path) -> None:
     mem.close()
 
 
-@pytest.mark.skipif(os.environ.get("HVTOOLS_BATCH_SOAK") != "1",
-                    reason="soak run only with HVTOOLS_BATCH_SOAK=1 (768k lanes, about 30 s)")
+@pytest.mark.slow  # 768k lanes, about 30 s: runs with HVTOOLS_SLOW=1 make test
 @settings(max_examples=3000, deadline=None)
 @given(seed=st.integers(0, 2**32), density=st.sampled_from([0.02, 0.1, 0.5, 0.95]),
        mode=modes, access=accesses)
