@@ -494,5 +494,9 @@ from hvtools.cli.mmu import mmu  # noqa: E402
 
 main.add_command(mmu)
 
+from hvtools.cli.iommu_cmds import register as register_iommu_cmds  # noqa: E402
+
+register_iommu_cmds(iommu)
+
 if __name__ == "__main__":
     run()
