@@ -40,9 +40,11 @@ are not reserved and are stripped: an SEV guest's C-bit never reaches the nested
 every reference is encrypted. ``Translation.encryption`` is the data access's outcome; each
 reference has its own, and ``data`` lists every stage's bit.
 
-What :mod:`hvtools.mmu.paging` would need to do this itself (this module re-implements the
-guest loop from paging's public pieces meanwhile): a hook translating each table address before
-it is read, and a mask of key bits exempt from reserved checks and stripped from addresses.
+The guest loop itself (reserved bits, access rights, protection keys) is
+:func:`hvtools.mmu.paging.walk_tables`, the one :func:`hvtools.mmu.paging.walk` runs; this module
+supplies its table hooks (:class:`hvtools.mmu.paging.TableAccess`): each table address goes
+through the second stage before it is read, each A/D update is a second-stage write, and the
+policy's guest key bits are exempt from reserved checks and stripped from addresses.
 """
 
 from __future__ import annotations
@@ -63,12 +65,10 @@ from hvtools.mmu.encryption import (
     Reference,
     Role,
 )
-from hvtools.mmu.paging import SUPERVISOR_READ, Access, AccessKind, EntryFlag, PagingMode
+from hvtools.mmu.paging import SUPERVISOR_READ, Access, AccessKind, PagingMode
 from hvtools.translation import Fault, Permissions, Stage, Translation, WalkStep
 
 _MASK64 = (1 << 64) - 1
-_ADDR_51_12 = ((1 << 52) - 1) & ~0xFFF
-_PK = paging.PTE.field("PK")
 
 
 class Phase(StrEnum):
@@ -233,29 +233,35 @@ def reference_count(guest_levels: int, host_levels: int) -> int:
     return (guest_levels + 1) * host_levels + guest_levels
 
 
-class _Walk:
-    """State of one nested walk; methods return a NestedFault to stop."""
+class _Walk(paging.TableAccess):
+    """One nested walk: the guest loop's table hooks (:class:`paging.TableAccess`) send every
+    guest paging-structure access through the second stage and record it as a reference."""
 
-    def __init__(self, memory: PhysMemory, second: SecondStage, gva: int, access: Access,
-                 set_ad: bool, policy: EncryptionPolicy) -> None:
-        self.memory = memory
+    def __init__(self, memory: PhysMemory, second: SecondStage, gva: int, mode: PagingMode,
+                 access: Access, writer: WritablePhysMemory | None,
+                 policy: EncryptionPolicy) -> None:
+        super().__init__(memory, writer, policy.guest_key_bits)
         self.second = second
         self.gva = gva
+        self.mode = mode
         self.access = access
         self.lookup = access.kind is AccessKind.LOOKUP
-        self.set_ad = set_ad and not self.lookup
+        self.set_ad = writer is not None
         self.policy = policy
         self.refs: list[MemoryReference] = []
+        # the entry last read: its second-stage references refs[first:last], its own at
+        # refs[last] once recorded, and the reference that classifies it
+        self._read: tuple[int, int, Reference] | None = None
 
     def fault(self, base: Fault, phase: Phase | None) -> NestedFault:
         return NestedFault(input=self.gva, kind=base.kind, reason=base.reason, code=base.code,
                            level=base.level, stage=base.stage, address=base.address,
-                           steps=tuple(r.step for r in self.refs), phase=phase,
-                           references=tuple(self.refs))
+                           steps=self.steps(), phase=phase, references=tuple(self.refs))
 
-    def guest_fault(self, reason: str, level: int, mode: PagingMode, *,
+    def guest_fault(self, reason: str, level: int, *,
                     code_reason: str | None = None) -> NestedFault:
-        code = 0 if self.lookup else paging.error_code(code_reason or reason, mode, self.access)
+        code = 0 if self.lookup else paging.error_code(code_reason or reason, self.mode,
+                                                       self.access)
         return self.fault(Fault(input=self.gva, kind="page-fault", reason=reason, code=code,
                                 level=level, stage=Stage.GUEST, address=self.gva), None)
 
@@ -277,10 +283,34 @@ class _Walk:
             return self.fault(r, phase)
         return r
 
-    def write_guest_entry(self, gpa: int, hpa: int, ref_index: int, first: int, last: int,
-                          new: int) -> NestedFault | None:
-        """Update a guest entry's A/D flags: a data write to ``gpa`` that the second stage must
-        allow (its A/D effects land on the references ``first..last`` of that translation)."""
+    def read_table(self, level: int, gpa: int, pointer: int) -> int | Fault:
+        """The guest entry at ``gpa``: refused by the encryption policy, or translated."""
+        if not self.lookup:
+            refusal = self.policy.guest_refusal(
+                Reference(Role.GUEST_TABLE, self.second.stage, gpa, 0, pointer))
+            if refusal is not None:
+                return self.guest_fault(refusal, level, code_reason="reserved-bit")
+        first = len(self.refs)
+        kind = AccessKind.LOOKUP if self.lookup else AccessKind.READ
+        t = self.through_second(gpa, kind, Phase.GUEST_TABLE)
+        if isinstance(t, NestedFault):
+            return t
+        self._read = (first, len(self.refs),
+                      Reference(Role.GUEST_TABLE, self.second.stage, gpa, t.steps[-1].entry,
+                                pointer))
+        return t.output
+
+    def record(self, step: WalkStep) -> None:
+        assert self._read is not None
+        ref = self._read[2]
+        self.refs.append(MemoryReference(step, Role.GUEST_TABLE, ref.gpa,
+                                         self.policy.classify(ref)))
+
+    def write_entry(self, gpa: int, new: int) -> NestedFault | None:
+        """Update the last-read guest entry's A/D flags: a data write to ``gpa`` that the second
+        stage must allow (its A/D effects land on the references that translated the read)."""
+        assert self._read is not None
+        first, last, _ = self._read
         request = StageRequest(gpa, AccessKind.WRITE, Phase.GUEST_TABLE, self.gva)
         r = self.second.translate(self.memory, request, set_ad=self.set_ad,
                                   key_bits=self.policy.host_key_bits)
@@ -294,21 +324,14 @@ class _Walk:
                     self.refs[i] = replace(self.refs[i],
                                            step=replace(self.refs[i].step,
                                                         write_back=st.write_back))
-        writer = self.memory
-        assert isinstance(writer, WritablePhysMemory)  # checked in walk()
-        writer.write_u64(hpa, new)
-        self.refs[ref_index] = replace(self.refs[ref_index],
-                                       step=replace(self.refs[ref_index].step, write_back=new))
+        assert self.writer is not None
+        self.writer.write_u64(self.refs[last].step.address, new)
+        self.refs[last] = replace(self.refs[last],
+                                  step=replace(self.refs[last].step, write_back=new))
         return None
 
-
-def _read_entry(memory: PhysMemory, addr: int) -> int | None:
-    try:
-        if not memory.contains(addr, 8):
-            return None
-        return memory.read_u64(addr)
-    except UsageError:
-        return None
+    def steps(self) -> tuple[WalkStep, ...]:
+        return tuple(r.step for r in self.refs)
 
 
 def walk(memory: PhysMemory, cr3: int, mode: PagingMode, gva: Gva,
@@ -323,96 +346,34 @@ def walk(memory: PhysMemory, cr3: int, mode: PagingMode, gva: Gva,
     if not 0 <= gva <= _MASK64:
         raise UsageError(f"linear address {gva:#x} is not a 64-bit value")
     pol = policy if policy is not None else NoEncryption()
-    w = _Walk(memory, second, gva, access, set_ad, pol)
-    if w.set_ad and not isinstance(memory, WritablePhysMemory):
-        raise UsageError("set_ad=True needs a WritablePhysMemory")
-    if not paging.is_canonical(gva, mode.la57):
-        return w.fault(Fault(input=gva, kind="general-protection", reason="non-canonical",
-                             code=0, level=0, stage=Stage.GUEST, address=gva), None)
-    guest_keys = pol.guest_key_bits
-    addr_mask = (_ADDR_51_12 if w.lookup else mode.addr_mask) & ~guest_keys
-    table_kind = AccessKind.LOOKUP if w.lookup else AccessKind.READ
-    pointer = cr3 & _MASK64
-    table = pointer & addr_mask
-    rw = us = True
-    xd = False
-    level = mode.levels
-    while True:
-        e_gpa = table + (((gva >> (12 + 9 * (level - 1))) & 0x1FF) << 3)
-        if not w.lookup:
-            refusal = pol.guest_refusal(Reference(Role.GUEST_TABLE, second.stage, e_gpa, 0,
-                                                  pointer))
-            if refusal is not None:
-                return w.guest_fault(refusal, level, mode, code_reason="reserved-bit")
-        first = len(w.refs)
-        t = w.through_second(e_gpa, table_kind, Phase.GUEST_TABLE)
-        if isinstance(t, NestedFault):
-            return t
-        last = len(w.refs)
-        e_hpa = t.output
-        entry = _read_entry(memory, e_hpa)
-        if entry is None:
-            return w.fault(Fault(input=gva, kind="unbacked", reason="table-unbacked", code=0,
-                                 level=level, stage=Stage.GUEST, address=e_hpa), None)
-        ref = Reference(Role.GUEST_TABLE, second.stage, e_gpa, t.steps[-1].entry, pointer)
-        w.refs.append(MemoryReference(
-            WalkStep(Stage.GUEST, level, paging.ENTRY_NAMES[level], e_hpa, entry),
-            Role.GUEST_TABLE, e_gpa, pol.classify(ref)))
-        if not entry & EntryFlag.P:
-            return w.guest_fault("not-present", level, mode)
-        leaf = level == 1 or (level <= 3 and bool(entry & EntryFlag.PS))
-        if not w.lookup:
-            if leaf and level == 3 and not mode.page_1g:
-                rsvd = int(EntryFlag.PS)
-            else:
-                rsvd = mode.reserved_mask(paging.entry_format(level, entry)) & ~guest_keys
-            if entry & rsvd:
-                return w.guest_fault("reserved-bit", level, mode)
-        rw = rw and bool(entry & EntryFlag.RW)
-        us = us and bool(entry & EntryFlag.US)
-        xd = xd or (mode.nxe and bool(entry & EntryFlag.XD))
-        if leaf:
-            leaf_at = (e_gpa, e_hpa, len(w.refs) - 1, first, last)
-            break
-        if w.set_ad and not entry & EntryFlag.A:
-            stop = w.write_guest_entry(e_gpa, e_hpa, len(w.refs) - 1, first, last,
-                                       entry | EntryFlag.A)
-            if stop is not None:
-                return stop
-        pointer = entry
-        table = entry & addr_mask
-        level -= 1
-
-    keyed = (mode.pke and us) or (mode.pks and not us)
-    guest_perms = Permissions(read=True, write=rw, execute=not xd, user=us,
-                              protection_key=_PK.get(entry) if keyed else None)
-    reason = paging.denied(mode, access, guest_perms)
-    if reason is not None:
-        return w.guest_fault(reason, level, mode)
-    size = paging.PAGE_SIZES[level]
-    gpa = (entry & addr_mask & ~(size - 1)) | (gva & (size - 1))
+    w = _Walk(memory, second, gva, mode, access, paging.writer_for(memory, set_ad, access), pol)
+    leaf = paging.walk_tables(w, cr3, mode, gva, access)
+    if isinstance(leaf, Fault):
+        return leaf if isinstance(leaf, NestedFault) else w.fault(leaf, None)
+    entry, guest_perms, gpa = leaf.entry, leaf.permissions, leaf.output
+    us, rw, x = guest_perms.user, guest_perms.write, guest_perms.execute
+    size = paging.PAGE_SIZES[leaf.level]
     fetch = access.kind is AccessKind.FETCH
     if not w.lookup:
         refusal = pol.guest_refusal(Reference(Role.DATA, second.stage, gpa, 0, entry, fetch))
         if refusal is not None:
-            return w.guest_fault(refusal, level, mode, code_reason="reserved-bit")
-    final = w.through_second(gpa, access.kind, Phase.FINAL, linear=(us, rw, not xd))
+            return w.guest_fault(refusal, leaf.level, code_reason="reserved-bit")
+    final = w.through_second(gpa, access.kind, Phase.FINAL, linear=(us, rw, x))
     if isinstance(final, NestedFault):
         return final
-    new = entry | EntryFlag.A | (EntryFlag.D if access.kind is AccessKind.WRITE else 0)
+    new = paging.leaf_update(entry, access)
     if w.set_ad and new != entry:
-        stop = w.write_guest_entry(leaf_at[0], leaf_at[1], leaf_at[2], leaf_at[3],
-                                   leaf_at[4], new)
+        stop = w.write_entry(leaf.address, new)
         if stop is not None:
             return stop
     data = pol.classify(Reference(Role.DATA, second.stage, gpa, final.steps[-1].entry, entry,
                                   fetch))
     s = final.permissions
     second_x = s.execute_user if (s.execute_user is not None and us) else s.execute
-    perms = Permissions(read=s.read, write=rw and s.write, execute=(not xd) and second_x,
+    perms = Permissions(read=s.read, write=rw and s.write, execute=x and second_x,
                         user=us, protection_key=guest_perms.protection_key)
     return NestedTranslation(
         input=gva, output=final.output, page_size=min(size, final.page_size),
-        permissions=perms, steps=tuple(r.step for r in w.refs), encryption=data.encryption,
+        permissions=perms, steps=w.steps(), encryption=data.encryption,
         gpa=Gpa(gpa), guest_page_size=size, host_page_size=final.page_size,
         references=tuple(w.refs), data=data)

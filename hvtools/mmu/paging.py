@@ -21,6 +21,8 @@ What is modelled, with its section:
 
 ``AccessKind.LOOKUP`` is the debugger's view QEMU's ``gva2gpa`` gives (presence and page size
 only); :func:`iter_mappings` enumerates a whole tree and :class:`TableBuilder` builds one.
+The loop itself is :func:`walk_tables`, which reaches the tables through a :class:`TableAccess`:
+:func:`walk` reads them as physical memory, :mod:`hvtools.mmu.nested` through a second stage.
 
 Not modelled: legacy 32-bit and PAE paging, HLAT paging, shadow-stack accesses, SGX, LAM
 (linear-address masking changes the canonicality check) and the TLBs.
@@ -36,10 +38,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntFlag, StrEnum
 from functools import cached_property
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from hvtools.addr import PAGE_1G, PAGE_2M, PAGE_4K, Gpa, Gva
 from hvtools.bits import BitField, BitStruct
@@ -534,6 +536,142 @@ def _permissions(mode: PagingMode, rw: bool, us: bool, xd: bool, leaf: int) -> P
                        protection_key=_PK.get(leaf) if keyed else None)
 
 
+class TableAccess:
+    """How a guest walk reaches its paging structures: bare metal, and the hooks a second stage
+    overrides (:mod:`hvtools.mmu.nested`, SDM Vol. 3C s29.3.1; AMD APM Vol. 2 s15.25.5).
+
+    Here a table address is a physical address read as it is, and A/D updates are plain
+    writes. A subclass may translate each table address before it is read (and stop the walk
+    with a fault), gate each A/D write, and keep its own record of the references.
+    """
+
+    __slots__ = ("_steps", "key_bits", "memory", "writer")
+
+    def __init__(self, memory: PhysMemory, writer: WritablePhysMemory | None,
+                 key_bits: int = 0) -> None:
+        self.memory = memory
+        self.writer = writer  # None: no A/D flag is modelled
+        self.key_bits = key_bits  # not reserved, stripped from every pointer and the output
+        self._steps: list[WalkStep] = []
+
+    def read_table(self, level: int, gpa: int, pointer: int) -> int | Fault:
+        """The physical address to read the level-``level`` entry at ``gpa`` from, or a
+        :class:`Fault` that ends the walk; ``pointer`` is the CR3 or entry that led here."""
+        return gpa
+
+    def record(self, step: WalkStep) -> None:
+        """Note an entry just read (``step.address`` is where it was read from)."""
+        self._steps.append(step)
+
+    def write_entry(self, gpa: int, new: int) -> Fault | None:
+        """Write ``new`` (A/D set) over the entry last read, or a :class:`Fault` that ends the
+        walk instead; only called when :attr:`writer` is set."""
+        assert self.writer is not None
+        last = self._steps[-1]
+        self.writer.write_u64(last.address, new)
+        self._steps[-1] = replace(last, write_back=new)
+        return None
+
+    def steps(self) -> tuple[WalkStep, ...]:
+        return tuple(self._steps)
+
+
+class GuestLeaf(NamedTuple):
+    """Where :func:`walk_tables` stopped, the access allowed: the leaf at ``level`` (read at
+    guest-physical ``address``), the rights the walk gathered and the translated address."""
+
+    level: int
+    address: int
+    entry: int
+    permissions: Permissions
+    output: int
+
+
+def leaf_update(entry: int, access: Access) -> int:
+    """The leaf entry once ``access`` used it: A set, and D on a write (SDM Vol. 3A s4.8)."""
+    return entry | _BIT_A | (_BIT_D if access.kind is AccessKind.WRITE else 0)
+
+
+def writer_for(memory: PhysMemory, set_ad: bool, access: Access) -> WritablePhysMemory | None:
+    """The memory A/D updates go to: None when ``set_ad`` is off or for a lookup."""
+    if not set_ad or access.kind is AccessKind.LOOKUP:
+        return None
+    if not isinstance(memory, WritablePhysMemory):
+        raise UsageError("set_ad=True needs a WritablePhysMemory")
+    return memory
+
+
+def walk_tables(tables: TableAccess, cr3: int, mode: PagingMode, gva: int,
+                access: Access) -> GuestLeaf | Fault:
+    """The guest paging loop of :func:`walk` (SDM Vol. 3A s4.5-s4.8) through ``tables``: from
+    the canonical check down to the leaf and its access rights. Every non-leaf entry gets A
+    (when ``tables.writer`` is set); the leaf's A/D update is the caller's, as is any fault
+    returned by a hook (returned as it is)."""
+    if not is_canonical(gva, mode.la57):
+        return Fault(input=gva, kind="general-protection", reason="non-canonical", code=0,
+                     level=0, stage=Stage.GUEST, address=gva)
+    lookup = access.kind is AccessKind.LOOKUP
+    keys = tables.key_bits
+    addr_mask = (_ADDR_51_12 if lookup else mode.addr_mask) & ~keys
+    set_ad = tables.writer is not None
+    pointer = cr3 & _MASK64
+    table = pointer & addr_mask
+    rw = us = True
+    xd = False
+    level = mode.levels
+    memory, read_table = tables.memory, tables.read_table
+    bare = type(tables) is TableAccess  # no hook calls on the hot path of :func:`walk`
+    record = tables._steps.append if bare else tables.record
+    while True:
+        gpa = table + (((gva >> (12 + 9 * (level - 1))) & 0x1FF) << 3)
+        if bare:
+            addr = gpa
+        else:
+            hooked = read_table(level, gpa, pointer)
+            if isinstance(hooked, Fault):
+                return hooked
+            addr = hooked
+        entry = _read_entry(memory, addr)
+        if entry is None:
+            return Fault(input=gva, kind="unbacked", reason="table-unbacked", code=0,
+                         level=level, stage=Stage.GUEST, address=addr, steps=tables.steps())
+        record(WalkStep(Stage.GUEST, level, ENTRY_NAMES[level], addr, entry))
+        if not entry & _BIT_P:
+            reason = "not-present"
+            break
+        leaf = level == 1 or (level <= 3 and bool(entry & _BIT_PS))
+        if not lookup:
+            if leaf and level == 3 and not mode.page_1g:
+                rsvd = _BIT_PS  # PS is reserved in a PDPTE without 1-GByte page support
+            else:
+                rsvd = mode.reserved_mask(entry_format(level, entry)) & ~keys
+            if entry & rsvd:
+                reason = "reserved-bit"
+                break
+        rw = rw and bool(entry & _BIT_RW)
+        us = us and bool(entry & _BIT_US)
+        xd = xd or (mode.nxe and bool(entry & _BIT_XD))
+        if leaf:
+            perms = _permissions(mode, rw, us, xd, entry)
+            denial = denied(mode, access, perms)
+            if denial is not None:
+                reason = denial
+                break
+            size = PAGE_SIZES[level]
+            return GuestLeaf(level, gpa, entry, perms,
+                             (entry & addr_mask & ~(size - 1)) | (gva & (size - 1)))
+        if set_ad and not entry & _BIT_A:
+            stop = tables.write_entry(gpa, entry | _BIT_A)
+            if stop is not None:
+                return stop
+        pointer = entry
+        table = entry & addr_mask
+        level -= 1
+    return Fault(input=gva, kind="page-fault", reason=reason,
+                 code=0 if lookup else error_code(reason, mode, access), level=level,
+                 stage=Stage.GUEST, address=gva, steps=tables.steps())
+
+
 def walk(memory: PhysMemory, cr3: int, mode: PagingMode, gva: Gva,
          access: Access = SUPERVISOR_READ, *, set_ad: bool = False) -> Translation | Fault:
     """Translate ``gva`` as the processor would (SDM Vol. 3A s4.5-s4.8).
@@ -546,76 +684,18 @@ def walk(memory: PhysMemory, cr3: int, mode: PagingMode, gva: Gva,
     """
     if not 0 <= gva <= _MASK64:
         raise UsageError(f"linear address {gva:#x} is not a 64-bit value")
-    lookup = access.kind is AccessKind.LOOKUP
-    writer: WritablePhysMemory | None = None
-    if set_ad and not lookup:
-        if not isinstance(memory, WritablePhysMemory):
-            raise UsageError("set_ad=True needs a WritablePhysMemory")
-        writer = memory
-    if not is_canonical(gva, mode.la57):
-        return Fault(input=gva, kind="general-protection", reason="non-canonical", code=0,
-                     level=0, stage=Stage.GUEST, address=gva)
-
-    steps: list[WalkStep] = []
-
-    def fault(reason: str, level: int) -> Fault:
-        code = 0 if lookup else error_code(reason, mode, access)
-        return Fault(input=gva, kind="page-fault", reason=reason, code=code, level=level,
-                     stage=Stage.GUEST, address=gva, steps=tuple(steps))
-
-    table = mode.root_table(cr3) if not lookup else cr3 & _ADDR_51_12
-    rw = us = True
-    xd = False
-    level = mode.levels
-    while True:
-        addr = table + (((gva >> (12 + 9 * (level - 1))) & 0x1FF) << 3)
-        entry = _read_entry(memory, addr)
-        if entry is None:
-            return Fault(input=gva, kind="unbacked", reason="table-unbacked", code=0,
-                         level=level, stage=Stage.GUEST, address=addr, steps=tuple(steps))
-        name = ENTRY_NAMES[level]
-        if not entry & _BIT_P:
-            steps.append(WalkStep(Stage.GUEST, level, name, addr, entry))
-            return fault("not-present", level)
-        leaf = level == 1 or (level <= 3 and bool(entry & _BIT_PS))
-        if not lookup:
-            if leaf and level == 3 and not mode.page_1g:
-                rsvd = _BIT_PS  # PS is reserved in a PDPTE without 1-GByte page support
-            else:
-                rsvd = mode.reserved_mask(entry_format(level, entry))
-            if entry & rsvd:
-                steps.append(WalkStep(Stage.GUEST, level, name, addr, entry))
-                return fault("reserved-bit", level)
-        rw = rw and bool(entry & _BIT_RW)
-        us = us and bool(entry & _BIT_US)
-        xd = xd or (mode.nxe and bool(entry & _BIT_XD))
-        if leaf:
-            break
-        new = entry | _BIT_A
-        if writer is not None and new != entry:
-            writer.write_u64(addr, new)
-            steps.append(WalkStep(Stage.GUEST, level, name, addr, entry, new))
-        else:
-            steps.append(WalkStep(Stage.GUEST, level, name, addr, entry))
-        table = entry & (_ADDR_51_12 if lookup else mode.addr_mask)
-        level -= 1
-
-    size = PAGE_SIZES[level]
-    perms = _permissions(mode, rw, us, xd, entry)
-    reason = denied(mode, access, perms)
-    if reason is not None:
-        steps.append(WalkStep(Stage.GUEST, level, name, addr, entry))
-        return fault(reason, level)
-    new = entry | _BIT_A | (_BIT_D if access.kind is AccessKind.WRITE else 0)
-    if writer is not None and new != entry:
-        writer.write_u64(addr, new)
-        steps.append(WalkStep(Stage.GUEST, level, name, addr, entry, new))
-    else:
-        steps.append(WalkStep(Stage.GUEST, level, name, addr, entry))
-    frame_mask = (_ADDR_51_12 if lookup else mode.addr_mask) & ~(size - 1)
-    gpa = (entry & frame_mask) | (gva & (size - 1))
-    return Translation(input=gva, output=gpa, page_size=size, permissions=perms,
-                       steps=tuple(steps))
+    tables = TableAccess(memory, writer_for(memory, set_ad, access))
+    leaf = walk_tables(tables, cr3, mode, gva, access)
+    if isinstance(leaf, Fault):
+        return leaf
+    if tables.writer is not None:
+        new = leaf_update(leaf.entry, access)
+        if new != leaf.entry:
+            stop = tables.write_entry(leaf.address, new)
+            if stop is not None:
+                return stop
+    return Translation(input=gva, output=leaf.output, page_size=PAGE_SIZES[leaf.level],
+                       permissions=leaf.permissions, steps=tables.steps())
 
 
 # -- enumerating a tree ----------------------------------------------------------------------

@@ -688,3 +688,45 @@ def test_parse_info_registers() -> None:
 
     with pytest.raises(VmError, match="CR3, CR4"):
         parse_info_registers("CPU#0\nCR0=80050033\nEFER=d01\n")
+
+
+class _Hooked(paging.TableAccess):
+    """The bare-metal hooks, but through the method calls a second stage would override."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("set_ad", [False, True])
+@pytest.mark.parametrize("access", [READ, WRITE, LOOKUP, Access(AccessKind.FETCH, user=True),
+                                    Access(AccessKind.WRITE, user=True)])
+def test_walk_tables_through_hooks_equals_walk(access: Access, set_ad: bool) -> None:
+    """walk() skips the hook calls for bare metal; the hooked loop must give the same."""
+    results = []
+    for hooked in (False, True):
+        mem = BufferMemory(1 << 22)
+        tb = TableBuilder(mem)
+        tb.map(0x40_0000, 0x20_0000, PAGE_2M, flags=P | RW)
+        tb.map(0x7F00_0000_1000, 0x30_1000, flags=URW | XD, pkey=3)
+        tb.map(0x7F00_0000_2000, 0x30_2000, flags=P | US)
+        tb.set_entry(0x7F00_0000_3000, 1, 0x30_3000 | URW | (1 << 51))  # reserved bit
+        for gva in (0x40_0123, 0x7F00_0000_1008, 0x7F00_0000_2010, 0x7F00_0000_3000,
+                    0x7F00_0000_4000, 0x8000_0000_0000):
+            if not hooked:
+                results.append(walk(mem, tb.cr3, MODE, Gva(gva), access, set_ad=set_ad))
+                continue
+            writer = paging.writer_for(mem, set_ad, access)
+            tables = _Hooked(mem, writer)
+            leaf = paging.walk_tables(tables, tb.cr3, MODE, gva, access)
+            if isinstance(leaf, Fault):
+                results.append(leaf)
+                continue
+            new = paging.leaf_update(leaf.entry, access)
+            if writer is not None and new != leaf.entry:
+                assert tables.write_entry(leaf.address, new) is None
+            results.append(Translation(input=gva, output=leaf.output,
+                                       page_size=paging.PAGE_SIZES[leaf.level],
+                                       permissions=leaf.permissions, steps=tables.steps()))
+        results.append(mem.read(0, 0x10_000))
+    half = len(results) // 2
+    assert results[:half] == results[half:]
+    assert any(isinstance(r, Translation) for r in results[:half])
