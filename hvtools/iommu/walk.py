@@ -940,7 +940,12 @@ QEMU_NOTES = (
     "canonicality against the PASID entry's AW rather than the 4-level width.",
     "QEMU validates the RID_PASID PASID entry while fetching the context entry, even for "
     "requests with PASID, and honours RID_PASID without ECAP.RPS.",
-    "Second-stage SNP is not reserved in QEMU's scalable mode even without ECAP.SC.",
+    "Second-stage SNP is not reserved once QEMU runs x-scalable-mode=on (even for legacy-mode "
+    "tables) or snoop-control=on, whatever ECAP.SC says.",
+    "A PASID-table entry whose PGTT (or AW/FSPM for it) QEMU does not support is reported "
+    "0x5B before its P bit is looked at: a non-present all-zero entry gives 0x5B, not 0x59.",
+    "Legacy pass-through (TT=10b) is not limited to the host address width: 0x4 never "
+    "appears there.",
     "The interrupt-range check covers the whole output page in QEMU.",
     "Fault records of scalable-mode walks for requests without PASID carry PP=1 and "
     "PV=RID_PASID in QEMU; PRIV/EXE/T2 are never set.",
@@ -951,21 +956,101 @@ QEMU_NOTES = (
 )
 
 
-def qemu_reason(fault: Fault, request: DmaRequest) -> int | None:
+def qemu_reason(fault: Fault, request: DmaRequest, caps: IommuCaps | None = None
+                ) -> int | None:
     """The reason code QEMU 10.0.2 records for the condition behind ``fault``, or None when
-    QEMU does not detect that condition (see :data:`QEMU_NOTES`)."""
+    QEMU does not detect that condition (see :data:`QEMU_NOTES`).
+
+    ``caps`` (the unit's CAP/ECAP as QEMU reports them) settle what depends on QEMU's
+    configuration: which PGTTs it accepts and whether SNP is reserved; without them QEMU's
+    defaults are assumed (39/48-bit second stage, every PGTT but nested, SNP reserved only in
+    scalable-mode faults). QEMU checks each paging level completely before the next, so a
+    fault the model finds deeper (or on the completed walk) may surface in QEMU at a higher
+    level under another code; the walk's steps say which.
+    """
     code = fault.code
-    if code == FaultReason.SM_SS_NOT_PRESENT:
-        return 0x05 if request.write else 0x06
-    if code == FaultReason.SM_WRITE_DENIED:
-        return 0x85 if fault.stage is Stage.VTD_FIRST else 0x05
     try:
         reason = FaultReason(code)
     except ValueError:
         return None
+    pasid_entries = [s.entry for s in fault.steps if s.table == PasidTableEntry.NAME]
+    if pasid_entries and not _qemu_pgtt_ok(pasid_entries[-1], caps):
+        return FaultReason.SM_PASID_ENTRY_INVALID  # checked before P, reserved bits, walks
+    level_code = _qemu_level_checks(fault, request)
+    if level_code is not None:
+        return level_code
+    if reason in (FaultReason.SS_RESERVED, FaultReason.SM_SS_RESERVED) and _qemu_snp_only(
+            fault, reason, caps):
+        return None
+    if reason is FaultReason.ADDRESS_BEYOND_AW and any(
+            s.table == ContextEntry.NAME and ContextEntry.get(s.entry, "TT")
+            == TranslationType.PASS_THROUGH for s in fault.steps):
+        return None
+    if code == FaultReason.SM_SS_NOT_PRESENT:
+        return 0x05 if request.write else 0x06
+    if code == FaultReason.SM_WRITE_DENIED:
+        return 0x85 if fault.stage is Stage.VTD_FIRST else 0x05
     if reason in _QEMU_RENUMBERED:
         return _QEMU_RENUMBERED[reason]
     return code if code in _QEMU_SAME else None
+
+
+def _qemu_pgtt_ok(pte: int, caps: IommuCaps | None) -> bool:
+    """QEMU's PASID-entry type check (vtd_pe_type_check and the level checks after it)."""
+    pe = PasidTableEntry.decode(pte)
+    pgtt = pe["PGTT"]
+    if pgtt == Pgtt.FIRST_STAGE:
+        return (caps is None or bool(caps.get("FSTS"))) and pe["FSPM"] == 0
+    if pgtt == Pgtt.SECOND_STAGE:
+        sagaw = 0b00110 if caps is None else caps.get("SAGAW")
+        return (caps is None or bool(caps.get("SSTS"))) and bool(sagaw >> pe["AW"] & 1)
+    if pgtt == Pgtt.PASS_THROUGH:
+        return caps is None or bool(caps.get("PT"))
+    return False  # nested and the reserved encodings
+
+
+def _qemu_level_checks(fault: Fault, request: DmaRequest) -> int | None:
+    """The first failure of the checks QEMU makes on each paging entry before its reserved
+    bits (SS: the requested R or W; FS: P, U/S, then R/W for writes), or None."""
+    first = [s.entry for s in fault.steps if s.stage is Stage.VTD_FIRST]
+    if first:
+        for entry in first:
+            if not entry & 1:
+                return FaultReason.SM_FS_NOT_PRESENT
+            if not entry & 4:
+                return FaultReason.SM_PRIVILEGE
+            if request.write and not entry & 2:
+                return FaultReason.SM_WRITE_DENIED
+        return None
+    need = 2 if request.write else 1
+    for s in fault.steps:
+        if s.stage is Stage.VTD_SECOND and not s.entry & need:
+            return FaultReason.WRITE_DENIED if request.write else FaultReason.READ_DENIED
+    return None
+
+
+def _qemu_snp_only(fault: Fault, reason: FaultReason, caps: IommuCaps | None) -> bool:
+    """Whether SNP (bit 11) is the only reserved bit of the faulting second-stage leaf and
+    QEMU takes SNP as valid there (x-scalable-mode=on or snoop-control=on)."""
+    scalable = (reason is FaultReason.SM_SS_RESERVED if caps is None
+                else bool(caps.get("SMTS")) or bool(caps.get("SC")))
+    ss = [s for s in fault.steps if s.stage is Stage.VTD_SECOND]
+    fmt = _ss_leaf_format(ss[-1]) if ss else None
+    if not scalable or fmt is None or not ss[-1].entry >> 11 & 1:
+        return False
+    haw = 48 if caps is None else caps.get("MGAW") + 1
+    rest = ss[-1].entry & ~(1 << 11)
+    return not rest & (fmt.reserved_mask() | _bits(haw, 51))
+
+
+def _ss_leaf_format(step: WalkStep) -> type[VtdStruct] | None:
+    """The second-stage leaf format a step read (SS-PTE, SS-PDE(2M), SS-PDPE(1G)), or None."""
+    for level in (1, 2, 3):
+        table_fmt, leaf_fmt = SS_FORMATS[level]
+        fmt = table_fmt if leaf_fmt is None else leaf_fmt
+        if step.level == level and step.table == fmt.NAME:
+            return fmt
+    return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from hvtools.addr import Iova
 from hvtools.errors import UsageError
+from hvtools.iommu.build import VtdTables
 from hvtools.iommu.mirror import (
     MIRROR_FAULT_KIND,
     MIRROR_STALE,
@@ -18,7 +19,7 @@ from hvtools.iommu.mirror import (
 )
 from hvtools.iommu.walk import Access, DmaRequest, is_recorded, source_id
 from hvtools.translation import Fault, Translation
-from tests.unit.test_vtd_walk import CAPS, Tables
+from tests.unit.test_vtd_walk import CAPS
 
 DEV_A = source_id(0, 2, 0)  # behind unit A
 DEV_B = source_id(0, 4, 0)  # behind unit B; its context entries live in B's root table
@@ -29,7 +30,7 @@ class World:
     that DMAs into B's space through A's mirror); it can be swapped for a second table."""
 
     def __init__(self, lag: int | None = 2, policy: StalePolicy = StalePolicy.FAULT) -> None:
-        self.t = Tables()
+        self.t = VtdTables.in_buffer()
         self.root_a = self._root(0x1000, 0xA000)  # A's own space: 0x1000 -> 0xA000
         self.root_b1 = self._root(0x1000, 0xB000)  # B's space, generation 1
         self.root_b2 = self._root(0x1000, 0xC000)  # B's space after re-programming

@@ -11,14 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hvtools.addr import PAGE_1G, PAGE_2M, PAGE_4K, Iova
-from hvtools.bits import BitStruct
 from hvtools.errors import UsageError
+from hvtools.iommu.build import VtdTables
 from hvtools.iommu.regs import CapReg, EcapReg, IommuCaps
 from hvtools.iommu.structures import (
     ContextEntry,
     FaultRecord,
-    FsPde2M,
-    FsPdpe1G,
     FsPml4e,
     FsPte,
     PasidDirEntry,
@@ -28,10 +26,7 @@ from hvtools.iommu.structures import (
     RtaddrReg,
     ScalableContextEntry,
     ScalableRootEntry,
-    SsPde2M,
-    SsPdpe1G,
     SsPml4e,
-    SsPte,
     Ttm,
     VtdStruct,
 )
@@ -77,131 +72,13 @@ def caps(**fields: int) -> IommuCaps:
 CAPS = caps()
 
 
-class Tables:
-    """Builds VT-d structures in a BufferMemory, allocating 4 KiB pages upwards from 0x1000."""
+#: The library's table builder over a test buffer (hvtools.iommu.build).
+Tables = VtdTables[BufferMemory]
 
-    def __init__(self, size: int = MEM) -> None:
-        self.mem = BufferMemory(size)
-        self.size = size
-        self.next = 0x1000
 
-    def alloc(self) -> int:
-        addr = self.next
-        self.next += 0x1000
-        assert self.next <= self.size
-        return addr
-
-    def put(self, struct: type[VtdStruct], addr: int, value: int) -> None:
-        self.mem.write(addr, struct.to_bytes(value))
-
-    def get(self, struct: type[VtdStruct], addr: int) -> int:
-        return struct.from_bytes(self.mem.read(addr, struct.size()))
-
-    # -- root and context -----------------------------------------------------------------
-
-    def legacy(self) -> int:
-        return RtaddrReg.value(self.alloc(), Ttm.LEGACY)
-
-    def scalable(self) -> int:
-        return RtaddrReg.value(self.alloc(), Ttm.SCALABLE)
-
-    def legacy_device(self, rtaddr: int, sid: int, **fields: int) -> int:
-        rta = RtaddrReg.get(rtaddr, "RTA") << 12
-        re_addr = rta + (sid >> 8) * 16
-        re = self.get(RootEntry, re_addr)
-        if not re & 1:
-            re = RootEntry.encode({"P": 1, "CTP": self.alloc() >> 12})
-            self.put(RootEntry, re_addr, re)
-        ce_addr = (RootEntry.get(re, "CTP") << 12) + (sid & 0xFF) * 16
-        self.put(ContextEntry, ce_addr, ContextEntry.encode(
-            {"P": 1, "AW": 2, "DID": 1, **fields}))
-        return ce_addr
-
-    def sm_device(self, rtaddr: int, sid: int, **fields: int) -> int:
-        """An SM context entry (PASIDE=1, 128-entry PASID directory); returns the directory."""
-        rta = RtaddrReg.get(rtaddr, "RTA") << 12
-        re_addr = rta + (sid >> 8) * 16
-        re = self.get(ScalableRootEntry, re_addr)
-        upper = sid & 0x80
-        p, ctp = ("UP", "UCTP") if upper else ("LP", "LCTP")
-        if not ScalableRootEntry.get(re, p):
-            re |= ScalableRootEntry.encode({p: 1, ctp: self.alloc() >> 12})
-            self.put(ScalableRootEntry, re_addr, re)
-        ce_addr = (ScalableRootEntry.get(re, ctp) << 12) + (sid & 0x7F) * 32
-        pdir = fields.pop("PASIDDIRPTR", None)
-        pdir = self.alloc() if pdir is None else pdir
-        self.put(ScalableContextEntry, ce_addr, ScalableContextEntry.encode(
-            {"P": 1, "PASIDE": 1, "PASIDDIRPTR": pdir >> 12, **fields}))
-        return pdir
-
-    def pasid_entry(self, pdir: int, pasid: int, **fields: int) -> int:
-        de_addr = pdir + (pasid >> 6) * 8
-        de = self.get(PasidDirEntry, de_addr)
-        if not de & 1:
-            de = PasidDirEntry.encode({"P": 1, "SMPTBLPTR": self.alloc() >> 12})
-            self.put(PasidDirEntry, de_addr, de)
-        pe_addr = (PasidDirEntry.get(de, "SMPTBLPTR") << 12) + (pasid & 0x3F) * 64
-        self.put(PasidTableEntry, pe_addr, PasidTableEntry.encode({"P": 1, "DID": 1,
-                                                                   **fields}))
-        return pe_addr
-
-    # -- paging ---------------------------------------------------------------------------
-
-    def ss_map(self, root: int, levels: int, iova: int, hpa: int, size: int = PAGE_4K,
-               **leaf: int) -> int:
-        """Map ``iova`` -> ``hpa`` in second-stage tables; returns the leaf entry's address."""
-        leaf_level = {PAGE_4K: 1, PAGE_2M: 2, PAGE_1G: 3}[size]
-        table = root
-        for level in range(levels, leaf_level, -1):
-            e_addr = table + (iova >> (12 + 9 * (level - 1)) & 0x1FF) * 8
-            e = self.get(SsPml4e, e_addr)
-            if not e & 3:
-                e = SsPml4e.encode({"R": 1, "W": 1, "X": 1, "ADDR": self.alloc() >> 12})
-                self.put(SsPml4e, e_addr, e)
-            table = (e & ((1 << 52) - 1)) & ~0xFFF
-        fmt: type[BitStruct] = {1: SsPte, 2: SsPde2M, 3: SsPdpe1G}[leaf_level]
-        bits = {"R": 1, "W": 1, "ADDR": hpa >> (12 + 9 * (leaf_level - 1))}
-        if leaf_level > 1:
-            bits["PS"] = 1
-        bits.update(leaf)
-        e_addr = table + (iova >> (12 + 9 * (leaf_level - 1)) & 0x1FF) * 8
-        self.mem.write_u64(e_addr, fmt.encode(bits))
-        return e_addr
-
-    def fs_map(self, root: int, levels: int, va: int, pa: int, size: int = PAGE_4K,
-               gpa_offset: int = 0, **leaf: int) -> int:
-        """Map ``va`` -> ``pa`` in first-stage tables stored at HPAs; table pointers hold
-        ``hpa + gpa_offset`` (GPAs for nested walks). Returns the leaf entry's HPA."""
-        leaf_level = {PAGE_4K: 1, PAGE_2M: 2, PAGE_1G: 3}[size]
-        table = root
-        for level in range(levels, leaf_level, -1):
-            e_addr = table + (va >> (12 + 9 * (level - 1)) & 0x1FF) * 8
-            e = self.get(FsPml4e, e_addr)
-            if not e & 1:
-                e = FsPml4e.encode({"P": 1, "RW": 1, "US": 1,
-                                    "ADDR": (self.alloc() + gpa_offset) >> 12})
-                self.put(FsPml4e, e_addr, e)
-            table = ((e & ((1 << 52) - 1)) & ~0xFFF) - gpa_offset
-        fmt: type[BitStruct] = {1: FsPte, 2: FsPde2M, 3: FsPdpe1G}[leaf_level]
-        bits = {"P": 1, "RW": 1, "US": 1, "A": 1, "D": 1,
-                "ADDR": pa >> (12 + 9 * (leaf_level - 1))}
-        if leaf_level > 1:
-            bits["PS"] = 1
-        bits.update(leaf)
-        e_addr = table + (va >> (12 + 9 * (leaf_level - 1)) & 0x1FF) * 8
-        self.mem.write_u64(e_addr, fmt.encode(bits))
-        return e_addr
-
-    def fs_set_ad(self, root: int, levels: int, va: int, gpa_offset: int = 0) -> None:
-        """Pre-set A in every non-leaf first-stage entry for ``va`` (as Linux does)."""
-        table = root
-        for level in range(levels, 1, -1):
-            e_addr = table + (va >> (12 + 9 * (level - 1)) & 0x1FF) * 8
-            e = self.mem.read_u64(e_addr)
-            if not e & 1 or e >> 7 & 1:
-                return
-            self.mem.write_u64(e_addr, e | 1 << 5)
-            table = ((e & ((1 << 52) - 1)) & ~0xFFF) - gpa_offset
+def new_tables(size: int = MEM) -> Tables:
+    """A builder over a fresh ``size``-byte buffer, allocating pages upwards from 0x1000."""
+    return VtdTables.in_buffer(size)
 
 
 def req(address: int, access: Access = Access.READ, *, sid: int = SID,
@@ -242,7 +119,7 @@ class Legacy:
 
 
 def legacy(aw: int = 2, **ctx: int) -> Legacy:
-    t = Tables()
+    t = new_tables()
     rtaddr = t.legacy()
     ss = t.alloc()
     ce = t.legacy_device(rtaddr, SID, SSPTPTR=ss >> 12, AW=aw, **ctx)
@@ -292,7 +169,7 @@ def test_legacy_pass_through() -> None:
 
 
 def test_legacy_faults_root_and_context() -> None:
-    t = Tables()
+    t = new_tables()
     rtaddr = t.legacy()
 
     def go(r: DmaRequest) -> Outcome:
@@ -398,7 +275,7 @@ def test_legacy_access_errors() -> None:
     lg = legacy()
     lg.t.mem.write_u64(lg.ss, SsPml4e.encode({"R": 1, "W": 1, "ADDR": MEM >> 12}))
     assert fault(lg.go(req(0x1000)), R.SS_ENTRY_ACCESS).level == 3
-    t = Tables()
+    t = new_tables()
     rtaddr = t.legacy()
     rta = RtaddrReg.get(rtaddr, "RTA") << 12
     t.put(RootEntry, rta, RootEntry.encode({"P": 1, "CTP": MEM >> 12}))
@@ -450,7 +327,7 @@ class Sm:
 
 
 def sm(sid: int = SID, **ctx: int) -> Sm:
-    t = Tables()
+    t = new_tables()
     rtaddr = t.scalable()
     return Sm(t, rtaddr, t.sm_device(rtaddr, sid, **ctx))
 
@@ -552,7 +429,7 @@ def test_sm_upper_context_half() -> None:
 
 
 def test_sm_root_and_context_faults() -> None:
-    t = Tables()
+    t = new_tables()
     rtaddr = t.scalable()
 
     def go(r: DmaRequest) -> Outcome:
@@ -952,7 +829,7 @@ def test_fpd_suppresses_only_qualified_faults() -> None:
     s.edit_context(FPD=1)
     f = fault(s.go(req(0x1000)), R.SM_PASID_DIR_NOT_PRESENT)
     assert not is_recorded(f)
-    t = Tables()
+    t = new_tables()
     rtaddr = t.scalable()
     assert is_recorded(fault(translate(req(0x1000), t.mem, rtaddr, CAPS),
                              R.SM_ROOT_NOT_PRESENT))  # not qualified
@@ -985,7 +862,7 @@ def test_qemu_reason_mapping() -> None:
     s2.t.fs_set_ad(fs, 4, 0x1000)
     f = fault(s2.go(req(0x1000, W)), R.SM_WRITE_DENIED)
     assert qemu_reason(f, req(0x1000, W)) == 0x85
-    t = Tables()
+    t = new_tables()
     f = fault(translate(req(0x1000), t.mem, t.scalable(), CAPS), R.SM_ROOT_NOT_PRESENT)
     assert qemu_reason(f, req(0x1000)) == 0x01
     s3 = sm()
