@@ -33,6 +33,7 @@ test-fast: venv
 
 bench: image
 	$(PY) bench/boot_time.py
+	$(PY) bench/batch_translate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
