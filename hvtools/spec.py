@@ -251,7 +251,9 @@ class VmSpec:
     @property
     def guest_kernel_args(self) -> tuple[str, ...]:
         """The kernel command line: console, vIOMMU switches, then the user's additions."""
-        args = ["console=ttyS0", "panic=-1", "reboot=t"]
+        # no_timer_check: under TCG on a loaded host the kernel's IO-APIC timer check
+        # (arch/x86/kernel/apic/io_apic.c, check_timer) can miss its ticks and panic at boot.
+        args = ["console=ttyS0", "panic=-1", "reboot=t", "no_timer_check"]
         if self.iommu is not None:
             # Linux intel-iommu: "on" enables DMA remapping, "sm_on" scalable mode
             # (Documentation/admin-guide/kernel-parameters.txt, intel_iommu=).
