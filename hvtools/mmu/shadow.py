@@ -37,6 +37,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from hvtools.addr import PAGE_4K, Gva
 from hvtools.errors import UsageError
@@ -46,6 +47,8 @@ from hvtools.mmu.ept import EptAccess, EptBuilder, EptControls, EptFlag, EptPoin
 from hvtools.mmu.nested import EptStage, NestedFault, NestedTranslation, Phase, StageRequest
 from hvtools.mmu.paging import SUPERVISOR_READ, Access, AccessKind, EntryFlag, PagingMode
 from hvtools.translation import Fault, Permissions, Stage, Translation
+
+A = TypeVar("A", EptAccess, Access)
 
 _MASK64 = (1 << 64) - 1
 _GPA_BITS = (1 << 48) - 1  # the EPT walk uses GPA bits 47:0 only (s29.3.2)
@@ -340,16 +343,55 @@ class _Deps:
         self.frames.clear()
 
 
+@dataclass
+class _Entry(Generic[A]):
+    leaf: int  # where the shadow leaf entry lives (EPT02: host-physical; reverse: L1 GPA)
+    access: A  # the access it was derived with (re-derivations use it again)
+
+
+class _TrappingShadow(Generic[A]):
+    """What both shadows share: entries derived from guest-table entries whose pages are
+    write-protected; a write there traps, and each affected entry is re-derived (an update)
+    or removed (a zap). Subclasses say how an entry is (re)filled and where its leaf lives."""
+
+    counters: ShadowCounters
+    _entries: dict[int, _Entry[A]]
+    _deps: _Deps
+
+    def _fill(self, key: int, access: A) -> bool:
+        """(Re)derive the entry for ``key``: True if installed, False if removed."""
+        raise NotImplementedError
+
+    def _leaf_memory(self) -> WritablePhysMemory:
+        raise NotImplementedError
+
+    def _drop(self, key: int) -> bool:
+        self._deps.remove(key)
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return False
+        self._leaf_memory().write_u64(entry.leaf, 0)
+        return True
+
+    def _on_write(self, gpa: int, size: int) -> None:
+        keys = self._deps.hit(gpa, size)
+        if keys is None:
+            return
+        self.counters.traps += 1
+        for key in sorted(keys):
+            entry = self._entries.get(key)
+            if entry is None:
+                continue
+            if self._fill(key, entry.access):
+                self.counters.updates += 1
+            else:
+                self.counters.zaps += 1
+
+
 # -- shadow EPT ------------------------------------------------------------------------------
 
 
-@dataclass
-class _Ept02Entry:
-    leaf: int  # host-physical address of the EPT02 PTE
-    access: EptAccess  # the access that faulted it in (re-derivations use it again)
-
-
-class ShadowEpt:
+class ShadowEpt(_TrappingShadow[EptAccess]):
     """EPT02 for an L2 guest, composed lazily from EPT12 and EPT01 and kept coherent.
 
     ``l1`` is L1-physical memory (its host must be writable: EPT02 is built there, in
@@ -374,7 +416,7 @@ class ShadowEpt:
                                  table_limit=ept02_tables[1])
         self.eptp02 = self._ept02.eptp()
         self.counters = ShadowCounters()
-        self._entries: dict[int, _Ept02Entry] = {}
+        self._entries: dict[int, _Entry[EptAccess]] = {}
         self._deps = _Deps()
         l1.watchers.append(self._on_write)
 
@@ -438,31 +480,18 @@ class ShadowEpt:
             self._drop(page)
             return False
         leaf = self._ept02.map(page << 12, fresh.output & ~(PAGE_4K - 1), flags=flags)
-        self._entries[page] = _Ept02Entry(leaf, access)
+        self._entries[page] = _Entry(leaf, access)
         return True
 
-    def _drop(self, page: int) -> bool:
-        self._deps.remove(page)
-        entry = self._entries.pop(page, None)
-        if entry is None:
-            return False
-        self.host.write_u64(entry.leaf, 0)
-        return True
+    def _fill(self, page: int, access: EptAccess) -> bool:
+        fresh = self._derive(page, access)
+        if isinstance(fresh, Translation) and self._install(page, fresh, access):
+            return True
+        self._drop(page)
+        return False
 
-    def _on_write(self, gpa: int, size: int) -> None:
-        keys = self._deps.hit(gpa, size)
-        if keys is None:
-            return
-        self.counters.traps += 1
-        for page in sorted(keys):
-            entry = self._entries.get(page)
-            if entry is None:
-                continue
-            fresh = self._derive(page, entry.access)
-            if isinstance(fresh, Translation) and self._install(page, fresh, entry.access):
-                self.counters.updates += 1
-            elif self._drop(page):
-                self.counters.zaps += 1
+    def _leaf_memory(self) -> WritablePhysMemory:
+        return self.host
 
     def l1_write(self, gpa: int, value: int) -> Fault | None:
         """L1 stores the 64-bit ``value`` at L1 GPA ``gpa``; a store to a write-protected EPT12
@@ -489,16 +518,10 @@ class ShadowEpt:
 # -- reverse shadow page tables --------------------------------------------------------------
 
 
-@dataclass
-class _ShadowPte:
-    leaf: int  # L1 GPA of the shadow PTE
-    access: Access  # the access it was derived with (re-derivations use it again)
-
-
 _PREFILL_ACCESS = Access(AccessKind.READ, ac=True)  # a supervisor read SMAP does not refuse
 
 
-class ReverseShadow:
+class ReverseShadow(_TrappingShadow[Access]):
     """L1's shadow page table for an L2 guest, mapping L2 GVA -> L1 GPA (the seed design).
 
     L2's own page table (root ``l2_cr3``, built in ``l2_tables`` = [first, limit) L2-physical by
@@ -538,7 +561,7 @@ class ReverseShadow:
         self.ept01 = EptStage(self.l1.eptp01, self.l1.controls)
         self.ept12 = EptStage(self.eptp12, self.l1.controls)
         self.composed = ComposedEpt(self.eptp12, self.l1.eptp01, self.l1.controls)
-        self._entries: dict[int, _ShadowPte] = {}
+        self._entries: dict[int, _Entry[Access]] = {}
         self._deps = _Deps()
         self.l1.watchers.append(self._on_write)
 
@@ -606,30 +629,11 @@ class ReverseShadow:
                  | (0 if p.execute else EntryFlag.XD))
         addr = self._shadow.map(self._gva(key), c.output & ~(PAGE_4K - 1), flags=flags,
                                 pkey=_PK.get(leaf))
-        self._entries[key] = _ShadowPte(addr, access)
+        self._entries[key] = _Entry(addr, access)
         return True
 
-    def _drop(self, key: int) -> bool:
-        self._deps.remove(key)
-        entry = self._entries.pop(key, None)
-        if entry is None:
-            return False
-        self._quiet.write_u64(entry.leaf, 0)
-        return True
-
-    def _on_write(self, gpa: int, size: int) -> None:
-        keys = self._deps.hit(gpa, size)
-        if keys is None:
-            return
-        self.counters.traps += 1
-        for key in sorted(keys):
-            entry = self._entries.get(key)
-            if entry is None:
-                continue
-            if self._fill(key, entry.access):
-                self.counters.updates += 1
-            else:
-                self.counters.zaps += 1
+    def _leaf_memory(self) -> WritablePhysMemory:
+        return self._quiet
 
     # -- L2's operations
 
