@@ -1,0 +1,1 @@
+"""hvtools.transport."""
