@@ -118,3 +118,27 @@ class AgentError(HvError):
 
 class HvTimeout(HvError):
     """A bounded wait ran out."""
+
+
+# -- lab hosts (hvtools.lab) ------------------------------------------------------------------
+class LabError(HvError):
+    """Building, probing or tearing down a lab (namespaces, links, host agents) failed."""
+
+
+class UnknownHostError(UsageError):
+    """No lab host of that name (or no lab of that name)."""
+
+
+class HostDownError(StateError):
+    """A lab host's agent does not answer (crashed, killed, or the lab is down)."""
+
+
+class RemoteCallError(HvError):
+    """A host agent's method raised. Carries the remote error's type name and message."""
+
+    def __init__(self, host: str, method: str, err_type: str, message: str) -> None:
+        super().__init__(f"{host}: {method} failed: {err_type}: {message}")
+        self.host = host
+        self.method = method
+        self.err_type = err_type
+        self.remote_message = message
