@@ -142,3 +142,12 @@ class RemoteCallError(HvError):
         self.method = method
         self.err_type = err_type
         self.remote_message = message
+
+
+# -- migration and recovery (hvtools.migration) -----------------------------------------------
+class MigrationError(HvError):
+    """A migration or recovery failed. The source VM (or the frozen host's memory) is intact."""
+
+
+class MigrationRefused(MigrationError, UsageError):
+    """A migration that cannot start: bad target, missing features, not enough memory."""
