@@ -151,3 +151,11 @@ class MigrationError(HvError):
 
 class MigrationRefused(MigrationError, UsageError):
     """A migration that cannot start: bad target, missing features, not enough memory."""
+
+
+class TransportError(HvError):
+    """The one-sided transport failed: a rejected or failed remote op, a peer gone, a link cut."""
+
+
+class NoRdmaDeviceError(DependencyError):
+    """The verbs backend needs an RDMA device (an HCA, RoCE NIC, rxe or siw) and there is none."""
