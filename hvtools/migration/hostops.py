@@ -1,0 +1,197 @@
+"""The migration methods of a lab host's agent (registered through its extension point).
+
+A host's agent is its "NIC" and the last act of its hypervisor: it owns the host's fabric
+endpoint (``<address>:7471``), freezes the host's VMs when the host fails, serves their frozen
+memory to remote READs, and on a recovery destination pulls a frozen VM into its own memory.
+
+Methods (params → result):
+  ``host_fail`` {}                       freeze every running VM here, then refuse new work
+  ``host_revive`` {}                     clear the failed state (no frozen VM may be left)
+  ``recovery_exports`` {vm}              register a frozen VM's table, device state, RAM
+  ``recovery_release`` {vm, delete}      deregister (and free) a frozen VM
+  ``recovery_pull`` {vm, source}         pull ``vm`` from the agent at ``source`` (an address)
+  ``recovery_progress`` {vm}             bytes done/total of a pull in progress
+  ``recovery_abort`` {vm}                throw away a partial pull
+  ``fabric_info`` {}                     the endpoint's address and provider
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from hvtools.errors import HvError, StateError, UsageError
+from hvtools.lab.hosts import rpc_tcp
+from hvtools.migration import recovery
+from hvtools.transport import open_endpoint
+from hvtools.transport.api import Endpoint
+
+if TYPE_CHECKING:
+    from hvtools.lab.agent import HostAgent
+
+log = logging.getLogger("hvtools.migration.hostops")
+
+
+class HostOps:
+    def __init__(self, agent: HostAgent) -> None:
+        self.agent = agent
+        self.failed_marker = agent.state_dir / "failed.json"
+        self._ep: Endpoint | None = None
+        self._ep_lock = threading.Lock()
+        self._exports: recovery.Exports | None = None
+        self._progress: dict[str, tuple[int, int]] = {}
+        self._pulling: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- the NIC --------------------------------------------------------------------------------
+    def endpoint(self) -> Endpoint:
+        with self._ep_lock:
+            if self._ep is None:
+                ep = open_endpoint("fabric", "tcp", address=self.agent.host.address,
+                                   port=recovery.FABRIC_PORT)
+                ep.start_progress()
+                self._ep = ep
+                self._exports = recovery.Exports(ep, self.agent.memory_dir)
+                log.info("fabric endpoint %s up", ep.address)
+            return self._ep
+
+    def exports(self) -> recovery.Exports:
+        self.endpoint()
+        assert self._exports is not None
+        return self._exports
+
+    def close(self) -> None:
+        if self._exports is not None:
+            self._exports.close()
+        if self._ep is not None:
+            self._ep.stop_progress()
+            self._ep.close()
+
+    @property
+    def failed(self) -> bool:
+        return self.failed_marker.exists()
+
+    # -- methods --------------------------------------------------------------------------------
+    def fabric_info(self, _p: dict[str, Any]) -> dict[str, Any]:
+        ep = self.endpoint()
+        return {"address": ep.address, "backend": ep.backend, "provider": ep.provider,
+                "failed": self.failed}
+
+    def host_fail(self, _p: dict[str, Any]) -> dict[str, Any]:
+        from hvtools.control.qemu_driver import QemuDriver
+
+        if self.failed:
+            raise StateError(f"host {self.agent.host.name} has already failed")
+        self.endpoint()  # the NIC must be up before the CPUs go
+        t0 = time.monotonic()
+        driver = QemuDriver()
+        mine = [vm for vm in driver.list()
+                if vm.host == self.agent.host.name and vm.lab == self.agent.lab.name
+                and vm.state.active and vm.pid is not None]
+        self.failed_marker.write_text(json.dumps({"at": time.time(),
+                                                  "vms": [v.name for v in mine]}) + "\n")
+        frozen, errors = [], []
+        for vm in mine:
+            assert vm.state_dir is not None and vm.pid is not None
+            try:
+                meta = recovery.freeze_vm(vm.name, vm.state_dir / "qmp.sock", vm.pid,
+                                          self.agent.memory_dir, log.info)
+                self.exports().export(vm.name)
+                frozen.append(meta)
+            except HvError as err:
+                errors.append(f"{vm.name}: {err}")
+                log.error("freezing %s failed: %s", vm.name, err)
+        return {"host": self.agent.host.name, "frozen": frozen, "errors": errors,
+                "total_ms": round((time.monotonic() - t0) * 1000, 1)}
+
+    def host_revive(self, _p: dict[str, Any]) -> dict[str, Any]:
+        left = [m["vm"] for m in recovery.frozen_vms(self.agent.memory_dir)]
+        if left:
+            raise StateError(f"host {self.agent.host.name} still holds frozen VM(s) "
+                             f"{', '.join(left)}: recover them first")
+        was = self.failed
+        self.failed_marker.unlink(missing_ok=True)
+        return {"host": self.agent.host.name, "was_failed": was}
+
+    def recovery_exports(self, p: dict[str, Any]) -> dict[str, Any]:
+        return self.exports().export(_vm(p))
+
+    def recovery_release(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = _vm(p)
+        self.exports().release(vm, delete=bool(p.get("delete", True)))
+        return {"vm": vm, "released": True}
+
+    def recovery_pull(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = _vm(p)
+        source = p.get("source")
+        if not isinstance(source, str):
+            raise UsageError("recovery_pull needs params.source (the failed host's address)")
+        if self.failed:
+            raise StateError(f"host {self.agent.host.name} has failed; it cannot take VMs")
+        with self._lock:
+            if vm in self._pulling:
+                raise StateError(f"a pull of {vm} is already running on "
+                                 f"{self.agent.host.name}")
+            self._pulling.add(vm)
+        try:
+            exports = rpc_tcp(source, "recovery_exports", {"vm": vm}, timeout=30.0)
+            dest = recovery.recovering_dir(self.agent.memory_dir)
+
+            def progress(done: int, total: int) -> None:
+                self._progress[vm] = (done, total)
+
+            stats = recovery.pull_vm(self.endpoint(), exports, dest, progress)
+            out = stats.to_json()
+            out["ram_path"] = str(recovery.PulledFiles(dest, vm).ram)
+            out["devstate_path"] = str(recovery.PulledFiles(dest, vm).devstate)
+            out["meta"] = exports["meta"]
+            return out
+        except HvError:
+            # A broken endpoint (timeout) cannot be reused: open a fresh one next time.
+            with self._ep_lock:
+                if self._ep is not None and getattr(self._ep, "closed", False):
+                    self._ep = None
+            raise
+        finally:
+            with self._lock:
+                self._pulling.discard(vm)
+                self._progress.pop(vm, None)
+
+    def recovery_progress(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = _vm(p)
+        done, total = self._progress.get(vm, (0, 0))
+        return {"vm": vm, "active": vm in self._pulling, "done": done, "total": total,
+                "partial": recovery.pull_state(recovery.recovering_dir(self.agent.memory_dir),
+                                               vm)}
+
+    def recovery_abort(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = _vm(p)
+        if vm in self._pulling:
+            raise StateError(f"a pull of {vm} is running; wait for it to end")
+        recovery.abort_pull(recovery.recovering_dir(self.agent.memory_dir), vm)
+        return {"vm": vm, "aborted": True}
+
+
+def _vm(p: dict[str, Any]) -> str:
+    vm = p.get("vm")
+    if not isinstance(vm, str) or not vm:
+        raise UsageError("params.vm (a VM name) is required")
+    return vm
+
+
+def register(agent: HostAgent) -> None:
+    ops = HostOps(agent)
+    for name in ("fabric_info", "host_fail", "host_revive", "recovery_exports",
+                 "recovery_release", "recovery_pull", "recovery_progress", "recovery_abort"):
+        agent.add_method(name, getattr(ops, name))
+    # Bring the NIC up now, in the background, so a failure later finds it ready.
+    def warm() -> None:
+        try:
+            ops.endpoint()
+        except HvError as err:
+            log.error("fabric endpoint not up: %s", err)
+
+    threading.Thread(target=warm, name="fabric-warmup", daemon=True).start()

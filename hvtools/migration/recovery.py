@@ -1,0 +1,470 @@
+"""Recovery from a failed host by one-sided READs (issue 4, the seed design).
+
+1. Freeze (:func:`freeze_vm`, the failed host's last act): stop the vCPUs, save the device state
+   with QEMU's own migration and ``x-ignore-shared`` (RAM stays in the shared file), list the
+   populated pages of the RAM file (SEEK_DATA/SEEK_HOLE, lseek(2)), hash each page, write the
+   page table (:mod:`hvtools.migration.pagetable`), kill QEMU. The RAM file, the table and the
+   device state move to the host's ``frozen/`` directory, where nothing else deletes them, and
+   are registered for remote READ (:class:`Exports`).
+2. Pull (:func:`pull_vm`, on the destination): one READ for the table, then batched READs of the
+   coalesced page runs straight into the destination's own RAM file, each page checked against
+   its hash, then the device state. Progress is journalled per run, so a broken transfer resumes
+   where it stopped; :func:`abort_pull` throws the partial copy away. The source is only read.
+3. The table is rebuilt for the destination (the same pages at their offsets in its own RAM
+   file) and stored next to it. QEMU then starts from that RAM file with ``-incoming defer``,
+   ``x-ignore-shared`` and the saved device state (:func:`restore_vm`), and is resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import mmap
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from hvtools.errors import HvError, MigrationError, StateError, UsageError
+from hvtools.migration import pagetable as pt
+from hvtools.qemu.qmp import qmp_call
+from hvtools.transport.api import Endpoint, MemoryRegion, RemoteRegion
+
+#: The fabric endpoint of a lab host's agent listens here (the agent's RPC is on 7470).
+FABRIC_PORT = 7471
+#: Largest READ the puller posts; contiguous pages are merged up to this.
+RUN_BYTES = 1 << 20
+#: READs kept in flight.
+DEPTH = 32
+
+
+def frozen_dir(memory_dir: Path) -> Path:
+    return memory_dir / "frozen"
+
+
+def recovering_dir(memory_dir: Path) -> Path:
+    return memory_dir / "recovering"
+
+
+@dataclass(frozen=True)
+class FrozenFiles:
+    """Where a frozen VM's pieces live on its (failed) host."""
+
+    root: Path
+    vm: str
+
+    @property
+    def ram(self) -> Path:
+        return self.root / f"{self.vm}.ram"
+
+    @property
+    def table(self) -> Path:
+        return self.root / f"{self.vm}.pgtbl"
+
+    @property
+    def devstate(self) -> Path:
+        return self.root / f"{self.vm}.devstate"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / f"{self.vm}.json"
+
+
+def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each data extent of a file (lseek(2) SEEK_DATA/SEEK_HOLE)."""
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # no data past off
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, min(end, size)
+        off = end
+
+
+def _wait_migration(qmp: Path, what: str, timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info: dict[str, Any] = qmp_call(qmp, "query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            raise MigrationError(f"{what}: QEMU migration {status}: "
+                                 f"{info.get('error-desc', 'no detail')}")
+        time.sleep(0.01)
+    raise MigrationError(f"{what}: QEMU migration did not finish within {timeout:.0f}s")
+
+
+# -- 1. freeze ------------------------------------------------------------------------------------
+def freeze_vm(vm: str, qmp: Path, qemu_pid: int, memory_dir: Path,
+              on_step: Callable[[str], None] = lambda _s: None) -> dict[str, Any]:
+    """The failed host's last act for one VM. Returns the frozen VM's metadata."""
+    files = FrozenFiles(frozen_dir(memory_dir), vm)
+    files.root.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    qmp_call(qmp, "stop")
+    t_stop = time.monotonic()
+    mem_path = Path(qmp_call(qmp, "qom-get", {"path": "/objects/ram0", "property": "mem-path"}))
+    ram_size = int(qmp_call(qmp, "qom-get", {"path": "/objects/ram0", "property": "size"}))
+    on_step(f"{vm}: vCPUs stopped; saving device state")
+    dev_tmp = files.devstate.with_suffix(".devstate.tmp")
+    qmp_call(qmp, "migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-ignore-shared", "state": True}]})
+    qmp_call(qmp, "migrate", {"uri": f"file:{dev_tmp}"})
+    _wait_migration(qmp, f"saving {vm}'s device state")
+    t_dev = time.monotonic()
+    dev = dev_tmp.read_bytes()
+    on_step(f"{vm}: device state {len(dev)} bytes; building the page table")
+    fd = os.open(mem_path, os.O_RDWR)
+    try:
+        offsets = pt.pages_of_extents(data_extents(fd, ram_size), ram_size)
+        with mmap.mmap(fd, ram_size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            table = pt.build(vm, ram_size, memoryview(m), offsets, dev_len=len(dev),
+                             dev_hash=xxhash.xxh3_64_intdigest(dev))
+    finally:
+        os.close(fd)
+    t_table = time.monotonic()
+    # The host's CPUs are gone: only its memory and its NIC stay.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(qemu_pid, signal.SIGKILL)
+    _wait_dead(qemu_pid)
+    os.replace(dev_tmp, files.devstate)
+    os.replace(mem_path, files.ram)
+    tmp = files.table.with_suffix(".pgtbl.tmp")
+    tmp.write_bytes(table.to_bytes())
+    os.replace(tmp, files.table)
+    meta = {"vm": vm, "ram_size": ram_size, "pages": len(offsets),
+            "populated_bytes": table.populated_bytes, "dev_len": len(dev),
+            "table_len": pt.table_size(len(offsets)), "created_ns": table.created_ns,
+            "source_ram_path": str(mem_path), "frozen_at": time.time(),
+            "stop_ms": round((t_stop - t0) * 1000, 1),
+            "devstate_ms": round((t_dev - t_stop) * 1000, 1),
+            "table_ms": round((t_table - t_dev) * 1000, 1),
+            "total_ms": round((time.monotonic() - t0) * 1000, 1)}
+    files.meta.write_text(json.dumps(meta, indent=1) + "\n")
+    on_step(f"{vm}: frozen, {len(offsets)} populated pages, QEMU killed")
+    return meta
+
+
+def _wait_dead(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.01)
+    raise MigrationError(f"QEMU pid {pid} did not die after SIGKILL")
+
+
+def frozen_vms(memory_dir: Path) -> list[dict[str, Any]]:
+    root = frozen_dir(memory_dir)
+    out = []
+    for meta in sorted(root.glob("*.json")) if root.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            out.append(json.loads(meta.read_text()))
+    return out
+
+
+class Exports:
+    """The frozen VMs of a host, registered for remote READ on its fabric endpoint."""
+
+    def __init__(self, endpoint: Endpoint, memory_dir: Path) -> None:
+        self.endpoint = endpoint
+        self.memory_dir = memory_dir
+        self._lock = threading.Lock()
+        self._maps: dict[str, list[tuple[mmap.mmap, MemoryRegion]]] = {}
+
+    def export(self, vm: str) -> dict[str, Any]:
+        """Register the VM's table, device state and RAM; their regions, for ``rpc``."""
+        with self._lock:
+            files = FrozenFiles(frozen_dir(self.memory_dir), vm)
+            if not files.meta.exists():
+                raise UsageError(f"no frozen VM {vm!r} on this host")
+            if vm not in self._maps:
+                regs = []
+                try:
+                    for path in (files.table, files.devstate, files.ram):
+                        regs.append(self._register(path))
+                except BaseException:
+                    for m, mr in regs:
+                        self._unregister(m, mr)
+                    raise
+                self._maps[vm] = regs
+            (_, table), (_, dev), (_, ram) = self._maps[vm]
+            meta = json.loads(files.meta.read_text())
+            return {"vm": vm, "fabric": self.endpoint.address, "meta": meta,
+                    "table": table.remote().to_json(), "devstate": dev.remote().to_json(),
+                    "ram": ram.remote().to_json()}
+
+    def _register(self, path: Path) -> tuple[mmap.mmap, MemoryRegion]:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            m = mmap.mmap(fd, os.fstat(fd).st_size, mmap.MAP_SHARED,
+                          mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        try:
+            return m, self.endpoint.register(m, remote_read=True, remote_write=False)
+        except BaseException:
+            m.close()
+            raise
+
+    def _unregister(self, m: mmap.mmap, mr: MemoryRegion) -> None:
+        with contextlib.suppress(HvError):
+            self.endpoint.deregister(mr)
+        with contextlib.suppress(BufferError):
+            m.close()
+
+    def release(self, vm: str, *, delete: bool) -> None:
+        """Deregister the VM's regions; with ``delete``, free its frozen memory too."""
+        with self._lock:
+            for m, mr in self._maps.pop(vm, []):
+                self._unregister(m, mr)
+            if delete:
+                files = FrozenFiles(frozen_dir(self.memory_dir), vm)
+                for p in (files.table, files.devstate, files.ram, files.meta):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+
+    def close(self) -> None:
+        for vm in list(self._maps):
+            self.release(vm, delete=False)
+
+
+# -- 2. pull --------------------------------------------------------------------------------------
+@dataclass
+class PullStats:
+    vm: str
+    pages: int
+    bytes: int
+    runs: int
+    resumed_runs: int
+    table_ms: float
+    pages_ms: float
+    verify_ms: float
+    devstate_ms: float
+    total_ms: float
+    gib_per_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PulledFiles:
+    root: Path
+    vm: str
+
+    @property
+    def ram(self) -> Path:
+        return self.root / f"{self.vm}.ram"
+
+    @property
+    def table(self) -> Path:
+        return self.root / f"{self.vm}.pgtbl"
+
+    @property
+    def devstate(self) -> Path:
+        return self.root / f"{self.vm}.devstate"
+
+    @property
+    def journal(self) -> Path:
+        return self.root / f"{self.vm}.journal.json"
+
+    def all(self) -> tuple[Path, ...]:
+        return (self.ram, self.table, self.devstate, self.journal)
+
+
+def _read_into(ep: Endpoint, peer: Any, buf: bytearray | mmap.mmap, remote: RemoteRegion,
+               length: int) -> None:
+    mr = ep.register(buf, remote_read=False, remote_write=False)
+    try:
+        ep.read_many(peer, [(mr, 0, remote, 0, length)], depth=1)
+    finally:
+        ep.deregister(mr)
+
+
+def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
+            on_progress: Callable[[int, int], None] = lambda _d, _t: None) -> PullStats:
+    """Pull a frozen VM into ``dest_root`` (the destination host's memory); resumable."""
+    t0 = time.monotonic()
+    vm = str(exports["vm"])
+    files = PulledFiles(dest_root, vm)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    peer = ep.connect(str(exports["fabric"]))
+    # The first READ: the page table.
+    t_remote = RemoteRegion.from_json(exports["table"])
+    tbuf = bytearray(t_remote.length)
+    _read_into(ep, peer, tbuf, t_remote, t_remote.length)
+    table = pt.parse(tbuf)
+    if table.vm != vm:
+        raise MigrationError(f"the table READ from {exports['fabric']} is for {table.vm!r}, "
+                             f"not {vm!r}")
+    t_table = time.monotonic()
+    runs = pt.coalesce(table.entries["offset"], max_bytes=RUN_BYTES)
+    done = _load_journal(files, table)
+    ram = RemoteRegion.from_json(exports["ram"])
+    if ram.length < table.ram_size:
+        raise MigrationError(f"the exported RAM region is {ram.length} bytes, the table says "
+                             f"{table.ram_size}")
+    fd = os.open(files.ram, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size != table.ram_size:
+            os.ftruncate(fd, table.ram_size)
+        m = mmap.mmap(fd, table.ram_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    verify_s = 0.0
+    try:
+        mr = ep.register(m, remote_read=False, remote_write=False)
+        try:
+            todo = [i for i in range(len(runs)) if not done[i]]
+            total = sum(runs[i].length for i in todo)
+            batch = 256  # runs per journal checkpoint
+            moved = 0
+            for a in range(0, len(todo), batch):
+                chunk = todo[a:a + batch]
+                base = moved
+
+                def report(n: int, base: int = base) -> None:
+                    on_progress(base + n, total)
+
+                moved += ep.read_many(
+                    peer, [(mr, runs[i].offset, ram, runs[i].offset, runs[i].length)
+                           for i in chunk], depth=DEPTH, progress=report)
+                tv = time.monotonic()
+                view = memoryview(m)
+                try:
+                    bad = [j for i in chunk
+                           for j in pt.verify_pages(view, table, runs[i].first, runs[i].last)]
+                finally:
+                    view.release()
+                verify_s += time.monotonic() - tv
+                if bad:
+                    gpa = int(table.entries["gpa"][bad[0]])
+                    raise MigrationError(f"{len(bad)} page(s) of {vm} arrived corrupted "
+                                         f"(first at GPA {gpa:#x}); the source is intact, retry")
+                done[chunk] = True
+                _save_journal(files, table, done)
+        finally:
+            ep.deregister(mr)
+    finally:
+        with contextlib.suppress(BufferError):
+            m.close()
+    t_pages = time.monotonic()
+    d_remote = RemoteRegion.from_json(exports["devstate"])
+    dbuf = bytearray(max(1, table.dev_len))
+    _read_into(ep, peer, dbuf, d_remote, table.dev_len)
+    dev = bytes(dbuf[:table.dev_len])
+    if xxhash.xxh3_64_intdigest(dev) != table.dev_hash:
+        raise MigrationError(f"{vm}'s device state arrived corrupted; the source is intact, retry")
+    files.devstate.write_bytes(dev)
+    # The table rebuilt for this host: the same pages, at their places in its own RAM file.
+    files.table.write_bytes(table.relocated(table.entries["offset"].copy()).to_bytes())
+    files.journal.unlink()
+    t_end = time.monotonic()
+    nbytes = table.populated_bytes
+    pages_s = (t_pages - t_table) - verify_s
+    return PullStats(vm=vm, pages=len(table.entries), bytes=nbytes, runs=len(runs),
+                     resumed_runs=len(runs) - len(todo),
+                     table_ms=round((t_table - t0) * 1000, 1),
+                     pages_ms=round(pages_s * 1000, 1), verify_ms=round(verify_s * 1000, 1),
+                     devstate_ms=round((t_end - t_pages) * 1000, 1),
+                     total_ms=round((t_end - t0) * 1000, 1),
+                     gib_per_s=round(nbytes / max(pages_s, 1e-9) / (1 << 30), 3))
+
+
+def _load_journal(files: PulledFiles, table: pt.PageTable) -> np.ndarray[Any, np.dtype[np.bool_]]:
+    runs = len(pt.coalesce(table.entries["offset"], max_bytes=RUN_BYTES))
+    done = np.zeros(runs, dtype=bool)
+    try:
+        j = json.loads(files.journal.read_text())
+    except (OSError, ValueError):
+        return done
+    if j.get("created_ns") == table.created_ns and j.get("runs") == runs and files.ram.exists():
+        done[[int(i) for i in j.get("done", [])]] = True
+    return done
+
+
+def _save_journal(files: PulledFiles, table: pt.PageTable,
+                  done: np.ndarray[Any, np.dtype[np.bool_]]) -> None:
+    tmp = files.journal.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"created_ns": table.created_ns, "runs": len(done),
+                               "done": np.flatnonzero(done).tolist()}))
+    os.replace(tmp, files.journal)
+
+
+def pull_state(dest_root: Path, vm: str) -> dict[str, Any] | None:
+    """What a broken pull left behind (for resume), or None."""
+    files = PulledFiles(dest_root, vm)
+    if not files.journal.exists():
+        return None
+    try:
+        j = json.loads(files.journal.read_text())
+    except (OSError, ValueError):
+        return {"vm": vm, "runs_done": 0}
+    return {"vm": vm, "runs_done": len(j.get("done", [])), "runs": j.get("runs")}
+
+
+def abort_pull(dest_root: Path, vm: str) -> None:
+    """Throw away a partial (or finished but unused) pull of ``vm``."""
+    for p in PulledFiles(dest_root, vm).all():
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    with contextlib.suppress(OSError):
+        dest_root.rmdir()
+
+
+# -- 3. restore -----------------------------------------------------------------------------------
+def restore_vm(qmp: Path, devstate: Path, timeout: float = 60.0) -> float:
+    """Load the device state into a QEMU started with ``-incoming defer`` and resume it.
+
+    The RAM file already holds the pages (``x-ignore-shared`` skips RAM in the stream).
+    Returns the milliseconds spent.
+    """
+    t0 = time.monotonic()
+    status = qmp_call(qmp, "query-status")["status"]
+    if status != "inmigrate":
+        raise StateError(f"the destination QEMU is {status}, not waiting for an incoming "
+                         "migration")
+    qmp_call(qmp, "migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-ignore-shared", "state": True}]})
+    qmp_call(qmp, "migrate-incoming", {"uri": f"file:{devstate}"})
+    deadline = time.monotonic() + timeout
+    while True:
+        st = qmp_call(qmp, "query-status")["status"]
+        if st in ("paused", "postmigrate", "running"):
+            info = qmp_call(qmp, "query-migrate")
+            if info.get("status") in ("failed", "cancelled"):
+                raise MigrationError(f"loading the device state failed: "
+                                     f"{info.get('error-desc', info.get('status'))}")
+            if st == "paused" or st == "postmigrate":
+                qmp_call(qmp, "cont")
+            return (time.monotonic() - t0) * 1000
+        if st not in ("inmigrate", "restore-vm", "prelaunch"):
+            info = qmp_call(qmp, "query-migrate")
+            raise MigrationError(f"loading the device state left QEMU {st}: "
+                                 f"{info.get('error-desc', '')}".rstrip(": "))
+        if time.monotonic() > deadline:
+            raise MigrationError("loading the device state did not finish")
+        time.sleep(0.005)
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
