@@ -67,6 +67,8 @@ class VmInfo:
     agent_socket: Path | None = None
     detail: str = ""  # e.g. why it is crashed
     log_tail: tuple[str, ...] = ()
+    host: str | None = None  # the lab host it runs on (``vm start --host``), else None
+    lab: str | None = None  # that host's lab
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,6 +79,7 @@ class VmInfo:
             "state_dir": str(self.state_dir) if self.state_dir else None,
             "console_log": str(self.console_log) if self.console_log else None,
             "detail": self.detail, "log_tail": list(self.log_tail),
+            "host": self.host, "lab": self.lab,
             "spec": self.spec.to_mapping(),
         }
 
@@ -157,6 +160,23 @@ def preflight(spec: VmSpec) -> tuple[Path, Path]:
     return kernel, initrd
 
 
+@dataclass(frozen=True)
+class LaunchOptions:
+    """Per-launch choices beyond the spec (they are not part of the VM's definition).
+
+    ``host``: ``HOST`` or ``LAB/HOST``, a lab host that is up (hvtools.lab): the hypervisor
+    runs in its network namespace and the RAM file lives in its memory dir.
+    ``extra_args``: appended to the QEMU command line for this launch only, e.g.
+    ``("-incoming", "defer")`` for a migration destination.
+    ``keep_ram``: launch on the RAM file already at the VM's RAM path instead of discarding it
+    (a destination whose memory was filled beforehand).
+    """
+
+    host: str | None = None
+    extra_args: tuple[str, ...] = ()
+    keep_ram: bool = False
+
+
 #: How long a guest may take from launch to a live agent. TCG boots in ~3-5 s here.
 DEFAULT_BOOT_TIMEOUT = 120.0
 
@@ -191,6 +211,13 @@ class Driver(abc.ABC):
         VmLaunchFailure carrying the command and the log tail.
         """
 
+    def _launch_with(self, name: str, progress: Progress, options: LaunchOptions) -> VmInfo:
+        """``_launch`` with per-launch options; a driver that supports them overrides this."""
+        if options != LaunchOptions():
+            raise UsageError(f"the {self.name} driver cannot start a VM on a lab host or with "
+                             "extra QEMU arguments (use --driver qemu)")
+        return self._launch(name, progress)
+
     @abc.abstractmethod
     def _process_alive(self, name: str) -> bool:
         """Whether the VM's hypervisor process still runs."""
@@ -222,11 +249,17 @@ class Driver(abc.ABC):
         return vm
 
     def start(self, name: str, *, progress: Progress = _quiet,
-              boot_timeout: float = DEFAULT_BOOT_TIMEOUT) -> tuple[VmInfo, StartTimings]:
+              boot_timeout: float = DEFAULT_BOOT_TIMEOUT, host: str | None = None,
+              extra_args: Sequence[str] = (), wait_agent: bool = True,
+              keep_ram: bool = False) -> tuple[VmInfo, StartTimings]:
         """Start a defined VM and wait until its guest agent answers.
 
-        A start that fails at any point kills what it started and raises; the VM stays defined.
+        ``host``, ``extra_args`` and ``keep_ram``: see :class:`LaunchOptions`. With
+        ``wait_agent=False`` it returns once QMP answers (a ``-incoming defer`` destination
+        never boots by itself). A start that fails at any point kills what it started and
+        raises; the VM stays defined.
         """
+        options = LaunchOptions(host=host, extra_args=tuple(extra_args), keep_ram=keep_ram)
         vm = self.info(name)
         if vm.state.active:
             raise StateError(f"VM {name!r} is already {vm.state}")
@@ -239,8 +272,11 @@ class Driver(abc.ABC):
         resolve_accel(vm.spec.accel, progress=progress)  # probes once; cached for _launch
         timings.phases["accel_probe_s"] = time.monotonic() - t_probe
         t0 = time.monotonic()
-        vm = self._launch(name, progress)
+        vm = self._launch_with(name, progress, options)
         timings.launched_s = time.monotonic() - t0
+        if not wait_agent:
+            progress(f"{name}: QEMU running after {timings.launched_s:.2f}s")
+            return vm, timings
         progress(f"{name}: QEMU running after {timings.launched_s:.2f}s, waiting for the guest")
         assert vm.agent_socket is not None
         try:

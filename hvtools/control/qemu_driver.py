@@ -4,7 +4,8 @@ Each VM has a state dir ``$HVTOOLS_HOME/vms/<name>/``::
 
     spec.json     the VmSpec (to_mapping form)
     argv.json     the QEMU command line of the current/last run
-    launch.json   resolved accelerator, QEMU, kernel/initrd, start time
+    launch.json   resolved accelerator, QEMU, kernel/initrd, start time; the lab host, its
+                  netns and the RAM file path when started with ``--host``; extra QEMU args
     supervisor.pid, qemu.pid
     qmp.sock, agent.sock
     console.log   the guest's serial console
@@ -33,6 +34,7 @@ from hvtools import paths
 from hvtools.control.accel import resolve_accel
 from hvtools.control.driver import (
     Driver,
+    LaunchOptions,
     Progress,
     VmInfo,
     VmState,
@@ -59,10 +61,35 @@ _RUNTIME_FILES = ("qemu.pid", "supervisor.pid", "exit.json", "qmp.sock", "agent.
 _QMP_READY_TIMEOUT = 30.0
 
 
-def ram_path(name: str) -> Path:
-    """The VM's shared RAM file (tmpfs, so a page touched by the guest never hits disk)."""
+def default_ram_path(name: str) -> Path:
+    """The RAM file of a VM started without ``--host`` (tmpfs, so a page touched by the guest
+    never hits disk)."""
     return Path("/dev/shm/hvtools") / f"{paths.home().as_posix().strip('/').replace('/', '-')}" \
         / f"{name}.ram"
+
+
+def host_ram_path(memory_dir: Path, name: str) -> Path:
+    """The RAM file of VM ``name`` on a lab host whose memory dir is ``memory_dir``."""
+    return memory_dir / f"{name}.ram"
+
+
+def _launch_record(d: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads((d / "launch.json").read_text())
+        if isinstance(data, dict):
+            return data
+    return {}
+
+
+def _recorded_ram_path(d: Path, name: str) -> Path:
+    recorded = _launch_record(d).get("ram_path")
+    return Path(recorded) if recorded else default_ram_path(name)
+
+
+def ram_path(name: str) -> Path:
+    """The RAM file of the VM's current (or last) run: in its host's memory dir when it was
+    started with ``--host``, else :func:`default_ram_path`."""
+    return _recorded_ram_path(paths.vms_dir() / name, name)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -151,9 +178,9 @@ class QemuDriver(Driver):
         return pid if b"hvtools.qemu.supervisor" in cmdline and str(d).encode() in cmdline \
             else None
 
-    def _plan_paths(self, d: Path, name: str) -> dict[str, Path]:
+    def _plan_paths(self, d: Path, name: str, ram: Path | None = None) -> dict[str, Path]:
         plan = {"agent_socket": d / "agent.sock", "qmp_socket": d / "qmp.sock",
-                "console_log": d / "console.log", "ram_path": ram_path(name)}
+                "console_log": d / "console.log", "ram_path": ram or default_ram_path(name)}
         for key in ("agent_socket", "qmp_socket"):
             check_socket_path(plan[key])
         return plan
@@ -187,14 +214,14 @@ class QemuDriver(Driver):
     def info(self, name: str) -> VmInfo:
         d = self._require_dir(name)
         spec = self._spec(d)
-        launch: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            launch = json.loads((d / "launch.json").read_text())
+        launch = _launch_record(d)
         common: dict[str, Any] = {
             "name": name, "driver": self.name, "spec": spec, "state_dir": d,
             "console_log": d / "console.log", "agent_socket": d / "agent.sock",
             "accel": launch.get("accel"),
         }
+        # Where it runs (or ran, for a crashed VM); a VM that is merely defined runs nowhere.
+        placed: dict[str, Any] = {"host": launch.get("host"), "lab": launch.get("lab")}
         pid = self._qemu_pid(d)
         if pid is not None:
             state = VmState.RUNNING
@@ -203,12 +230,12 @@ class QemuDriver(Driver):
                 if status.get("status") in ("paused", "prelaunch", "inmigrate",
                                             "postmigrate", "suspended"):
                     state = VmState.PAUSED
-            return VmInfo(state=state, pid=pid, **common)
+            return VmInfo(state=state, pid=pid, **placed, **common)
         if not (d / "qemu.pid").exists():
             return VmInfo(state=VmState.DEFINED, **common)
         if self._supervisor_pid(d) is not None:
             # QEMU is gone (or a zombie) and its supervisor is recording the exit: stopping.
-            return VmInfo(state=VmState.RUNNING, detail="stopping", **common)
+            return VmInfo(state=VmState.RUNNING, detail="stopping", **placed, **common)
         code: int | None = None
         with contextlib.suppress(OSError, ValueError, KeyError):
             code = int(json.loads((d / "exit.json").read_text())["returncode"])
@@ -223,7 +250,7 @@ class QemuDriver(Driver):
                   "QEMU and its supervisor are gone (killed?)")
         log_tail = tuple(tail_lines(d / "qemu.log") + (console[-5:] if panicked else []))
         return VmInfo(state=VmState.CRASHED, detail=detail,
-                      log_tail=log_tail or (detail,), **common)
+                      log_tail=log_tail or (detail,), **placed, **common)
 
     def list(self) -> list[VmInfo]:
         if not self.root.exists():
@@ -239,36 +266,53 @@ class QemuDriver(Driver):
         return out
 
     def _launch(self, name: str, progress: Progress) -> VmInfo:
+        return self._launch_with(name, progress, LaunchOptions())
+
+    def _launch_with(self, name: str, progress: Progress, options: LaunchOptions) -> VmInfo:
         with self._locked(name) as d:
             # Re-check under the lock: another start may have won the race since start() looked.
             if self._qemu_pid(d) is not None or self._supervisor_pid(d) is not None:
                 raise StateError(f"VM {name!r} is already running")
             spec = self._spec(d)
+            host = None
+            if options.host is not None:
+                from hvtools.lab.hosts import resolve_host
+
+                host = resolve_host(options.host)  # unknown host / lab down: nothing changed
             qemu = find_qemu()
             accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
             kernel, initrd = preflight(spec)
+            ram = host_ram_path(host.memory_dir, name) if host else default_ram_path(name)
             plan = LaunchPlan(accel=accel, kernel=kernel, initrd=initrd,
-                              **self._plan_paths(d, name))
-            self._clean_runtime(d, name)
+                              **self._plan_paths(d, name, ram))
+            self._clean_runtime(d, name, keep_ram=options.keep_ram)
             for region in spec.ivshmem:
                 if region.path.exists() and not os.access(region.path, os.W_OK):
                     raise UsageError(f"ivshmem {region.path} exists and is not writable")
             plan.ram_path.parent.mkdir(parents=True, exist_ok=True)
             self._claim_ivshmem(spec, d)
-            argv = render_argv(spec, plan, qemu=str(qemu.path))
+            argv = render_argv(spec, plan, qemu=str(qemu.path)) + list(options.extra_args)
             (d / "argv.json").write_text(json.dumps(argv, indent=1) + "\n")
             (d / "launch.json").write_text(json.dumps({
                 "accel": str(accel), "qemu": str(qemu.path), "qemu_version": qemu.version_str,
-                "kernel": str(kernel), "initrd": str(initrd),
+                "kernel": str(kernel), "initrd": str(initrd), "ram_path": str(plan.ram_path),
+                "host": host.name if host else None, "lab": host.lab if host else None,
+                "netns": host.netns if host else None,
+                "extra_args": list(options.extra_args),
                 "started_at": time.time()}) + "\n")
             for logname in ("console.log", "qemu.log"):
                 (d / logname).write_bytes(b"")
-            progress(f"{name}: launching QEMU {qemu.version_str} ({accel})")
+            where = f" on {host.name}" if host else ""
+            progress(f"{name}: launching QEMU {qemu.version_str} ({accel}){where}")
+            sup_argv = [sys.executable, "-m", "hvtools.qemu.supervisor", str(d)]
             with open(d / "qemu.log", "ab") as log:
-                sup = subprocess.Popen(
-                    [sys.executable, "-m", "hvtools.qemu.supervisor", str(d)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    start_new_session=True, close_fds=True)
+                if host is not None:
+                    # Supervisor and QEMU both live in the host's network namespace.
+                    sup = host.popen(sup_argv, detach=True, stdout=log, stderr=log)
+                else:
+                    sup = subprocess.Popen(
+                        sup_argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                        start_new_session=True, close_fds=True)
             (d / "supervisor.pid").write_text(f"{sup.pid}\n")
             try:
                 self._wait_qmp(d, sup)
@@ -326,21 +370,35 @@ class QemuDriver(Driver):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(sup, signal.SIGKILL)
 
-    def _clean_runtime(self, d: Path, name: str) -> None:
-        """Remove pid files, sockets and the RAM file of a run that is over."""
+    def _clean_runtime(self, d: Path, name: str, *, keep_ram: bool = False) -> None:
+        """Remove pid files, sockets and (unless ``keep_ram``) the RAM file of a run that is
+        over."""
         for f in _RUNTIME_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (d / f).unlink()
-        with contextlib.suppress(FileNotFoundError):
-            ram_path(name).unlink()
+        if not keep_ram:
+            with contextlib.suppress(FileNotFoundError):
+                _recorded_ram_path(d, name).unlink()
 
     def _process_alive(self, name: str) -> bool:
         return self._qemu_pid(self._dir(name)) is not None
 
-    def _force_off(self, name: str) -> None:
+    def _force_off(self, name: str, *, keep_ram: bool = False) -> None:
         with self._locked(name) as d:
             self._kill_processes(d)
-            self._clean_runtime(d, name)
+            self._clean_runtime(d, name, keep_ram=keep_ram)
+
+    def kill(self, name: str, *, keep_ram: bool = False) -> None:
+        """Stop at once; ``keep_ram`` leaves the RAM file in place (e.g. a failed host's
+        memory that is still to be read)."""
+        vm = self.info(name)
+        if not vm.state.active and vm.state is not VmState.CRASHED:
+            raise StateError(f"VM {name!r} is not running (state: {vm.state})")
+        self._force_off(name, keep_ram=keep_ram)
+
+    def ram_path(self, name: str) -> Path:
+        """The RAM file of the VM's current (or last) run."""
+        return _recorded_ram_path(self._dir(name), name)
 
     def _wait_exit(self, name: str, timeout: float) -> bool:
         d = self._dir(name)
