@@ -172,8 +172,8 @@ def _spec_flags_given(spec_file: Path | None, flags: dict[str, Any]) -> bool:
 def _print_vm(info: Any) -> None:
     t = Table.grid(padding=(0, 2))
     j = info.to_json()
-    for key in ("name", "driver", "state", "pid", "accel", "memory", "vcpus", "iommu",
-                "state_dir", "console_log", "detail"):
+    for key in ("name", "driver", "state", "pid", "host", "lab", "accel", "memory", "vcpus",
+                "iommu", "state_dir", "console_log", "detail"):
         if j.get(key) not in (None, ""):
             t.add_row(f"[bold]{key}[/bold]", str(j[key]))
     out.print(t)
@@ -210,11 +210,20 @@ def vm_create(name: str, spec_file: Path | None, driver: str | None, as_json: bo
 @click.option("--timings", is_flag=True, help="Print boot-to-agent-ready timings.")
 @click.option("--boot-timeout", type=float, default=120.0, show_default=True,
               help="Seconds to wait for the guest agent.")
+@click.option("--host", "host", default=None, metavar="[LAB/]HOST",
+              help="Run it on a lab host (hvtools lab up): in that host's network namespace, "
+              "RAM in its memory dir. qemu driver only.")
 def vm_start(name: str, spec_file: Path | None, driver: str | None, as_json: bool,
-             timings: bool, boot_timeout: float, **flags: Any) -> None:
+             timings: bool, boot_timeout: float, host: str | None, **flags: Any) -> None:
     """Start a VM, creating it first when NAME is new; waits until its guest agent answers."""
     from hvtools.control.drivers import ensure_name_free
 
+    if host is not None:
+        from hvtools.lab.hosts import resolve_host
+
+        if driver not in (None, "qemu"):
+            raise UsageError(f"--host needs the qemu driver, not {driver}")
+        resolve_host(host)  # an unknown host or a lab that is down: nothing is created
     created = False
     try:
         drv = _driver_for(name, driver)
@@ -229,7 +238,8 @@ def vm_start(name: str, spec_file: Path | None, driver: str | None, as_json: boo
         created = True
     try:
         with _status(f"starting {name}", enabled=not as_json) as update:
-            info, tm = drv.start(name, progress=update, boot_timeout=boot_timeout)
+            info, tm = drv.start(name, progress=update, boot_timeout=boot_timeout,
+                                 **({"host": host} if host else {}))
     except BaseException:
         if created:  # a failed first start leaves nothing behind, not even the definition
             drv.undefine(name)
@@ -237,7 +247,8 @@ def vm_start(name: str, spec_file: Path | None, driver: str | None, as_json: boo
     if as_json:
         _emit_json({**info.to_json(), "timings": tm.to_json()})
         return
-    out.print(f"started {name} ({info.driver}, {info.accel}, pid {info.pid})")
+    where = f", on {info.host}" if info.host else ""
+    out.print(f"started {name} ({info.driver}, {info.accel}, pid {info.pid}{where})")
     if timings:
         probe = tm.phases.get("accel_probe_s", 0.0)
         note = f"   (before that: accelerator probe {probe:.2f}s)" if probe > 0.5 else ""
@@ -294,13 +305,14 @@ def vm_list(driver: str | None, as_json: bool) -> None:
     if as_json:
         _emit_json([i.to_json() for i in infos])
         return
-    t = Table("NAME", "DRIVER", "STATE", "PID", "ACCEL", "MEMORY", "VCPUS", "IOMMU", "DETAIL")
+    t = Table("NAME", "DRIVER", "STATE", "PID", "HOST", "ACCEL", "MEMORY", "VCPUS", "IOMMU",
+              "DETAIL")
     from hvtools.spec import format_size
 
     for i in infos:
         color = {"running": "green", "crashed": "red"}.get(str(i.state), "")
         state = f"[{color}]{i.state}[/{color}]" if color else str(i.state)
-        t.add_row(i.name, i.driver, state, str(i.pid or "-"), i.accel or "-",
+        t.add_row(i.name, i.driver, state, str(i.pid or "-"), i.host or "-", i.accel or "-",
                   format_size(i.spec.memory), str(i.spec.vcpus),
                   i.spec.iommu.shorthand if i.spec.iommu else "none", i.detail)
     out.print(t)
@@ -497,6 +509,10 @@ main.add_command(mmu)
 from hvtools.cli.iommu_cmds import register as register_iommu_cmds  # noqa: E402
 
 register_iommu_cmds(iommu)
+
+from hvtools.cli.lab_cmds import register as register_lab_cmds  # noqa: E402
+
+register_lab_cmds(main)
 
 if __name__ == "__main__":
     run()
