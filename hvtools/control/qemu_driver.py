@@ -107,6 +107,13 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _cwd_is(pid: int, d: Path) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == str(d)
+    except OSError:
+        return False
+
+
 def _read_int(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -164,7 +171,10 @@ class QemuDriver(Driver):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return None
-        return pid if str(d / "qmp.sock").encode() in cmdline else None
+        # Its QMP socket path names the state dir, or its working directory is the state dir
+        # (the supervisor starts it there): a state dir renamed since (migration's switch-over,
+        # hvtools.migration.incoming) still finds its QEMU.
+        return pid if str(d / "qmp.sock").encode() in cmdline or _cwd_is(pid, d) else None
 
     def _supervisor_pid(self, d: Path) -> int | None:
         """The supervisor's pid if that process is alive and supervises this state dir."""
@@ -175,8 +185,8 @@ class QemuDriver(Driver):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return None
-        return pid if b"hvtools.qemu.supervisor" in cmdline and str(d).encode() in cmdline \
-            else None
+        return pid if b"hvtools.qemu.supervisor" in cmdline and (
+            str(d).encode() in cmdline or _cwd_is(pid, d)) else None
 
     def _plan_paths(self, d: Path, name: str, ram: Path | None = None) -> dict[str, Path]:
         plan = {"agent_socket": d / "agent.sock", "qmp_socket": d / "qmp.sock",

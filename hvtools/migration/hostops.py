@@ -23,7 +23,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
-from hvtools.errors import HvError, StateError, UsageError
+from hvtools.errors import HvError, MigrationError, StateError, UsageError
 from hvtools.lab.hosts import rpc_tcp
 from hvtools.migration import recovery
 from hvtools.transport import open_endpoint
@@ -81,7 +81,7 @@ class HostOps:
                 "failed": self.failed}
 
     def host_fail(self, _p: dict[str, Any]) -> dict[str, Any]:
-        from hvtools.control.qemu_driver import QemuDriver
+        from hvtools.control.qemu_driver import QemuDriver, ram_path
 
         if self.failed:
             raise StateError(f"host {self.agent.host.name} has already failed")
@@ -98,12 +98,17 @@ class HostOps:
             assert vm.state_dir is not None and vm.pid is not None
             try:
                 meta = recovery.freeze_vm(vm.name, vm.state_dir / "qmp.sock", vm.pid,
-                                          self.agent.memory_dir, log.info)
+                                          ram_path(vm.name), self.agent.memory_dir, log.info)
                 self.exports().export(vm.name)
                 frozen.append(meta)
             except HvError as err:
                 errors.append(f"{vm.name}: {err}")
                 log.error("freezing %s failed: %s", vm.name, err)
+        if errors and not frozen:
+            # Nothing froze (each VM was resumed): the host has not failed after all.
+            self.failed_marker.unlink(missing_ok=True)
+            raise MigrationError(f"host {self.agent.host.name} did not fail: "
+                                 + "; ".join(errors))
         return {"host": self.agent.host.name, "frozen": frozen, "errors": errors,
                 "total_ms": round((time.monotonic() - t0) * 1000, 1)}
 

@@ -109,52 +109,69 @@ def _wait_migration(qmp: Path, what: str, timeout: float = 60.0) -> dict[str, An
 
 
 # -- 1. freeze ------------------------------------------------------------------------------------
-def freeze_vm(vm: str, qmp: Path, qemu_pid: int, memory_dir: Path,
+def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Path,
               on_step: Callable[[str], None] = lambda _s: None) -> dict[str, Any]:
-    """The failed host's last act for one VM. Returns the frozen VM's metadata."""
+    """The failed host's last act for one VM. Returns the frozen VM's metadata.
+
+    Until QEMU is killed nothing is lost: a failure before that removes the partial files and
+    resumes the VM.
+    """
     files = FrozenFiles(frozen_dir(memory_dir), vm)
     files.root.mkdir(parents=True, exist_ok=True)
+    dev_tmp = files.devstate.with_suffix(".devstate.tmp")
+    tbl_tmp = files.table.with_suffix(".pgtbl.tmp")
     t0 = time.monotonic()
     qmp_call(qmp, "stop")
-    t_stop = time.monotonic()
-    mem_path = Path(qmp_call(qmp, "qom-get", {"path": "/objects/ram0", "property": "mem-path"}))
-    ram_size = int(qmp_call(qmp, "qom-get", {"path": "/objects/ram0", "property": "size"}))
-    on_step(f"{vm}: vCPUs stopped; saving device state")
-    dev_tmp = files.devstate.with_suffix(".devstate.tmp")
-    qmp_call(qmp, "migrate-set-capabilities", {"capabilities": [
-        {"capability": "x-ignore-shared", "state": True}]})
-    qmp_call(qmp, "migrate", {"uri": f"file:{dev_tmp}"})
-    _wait_migration(qmp, f"saving {vm}'s device state")
-    t_dev = time.monotonic()
-    dev = dev_tmp.read_bytes()
-    on_step(f"{vm}: device state {len(dev)} bytes; building the page table")
-    fd = os.open(mem_path, os.O_RDWR)
     try:
-        offsets = pt.pages_of_extents(data_extents(fd, ram_size), ram_size)
-        with mmap.mmap(fd, ram_size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-            table = pt.build(vm, ram_size, memoryview(m), offsets, dev_len=len(dev),
-                             dev_hash=xxhash.xxh3_64_intdigest(dev))
-    finally:
-        os.close(fd)
-    t_table = time.monotonic()
+        t_stop = time.monotonic()
+        ram_size = int(qmp_call(qmp, "qom-get", {"path": "/objects/ram0", "property": "size"}))
+        on_step(f"{vm}: vCPUs stopped; saving device state")
+        qmp_call(qmp, "migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        qmp_call(qmp, "migrate", {"uri": f"file:{dev_tmp}"})
+        _wait_migration(qmp, f"saving {vm}'s device state")
+        t_dev = time.monotonic()
+        dev = dev_tmp.read_bytes()
+        on_step(f"{vm}: device state {len(dev)} bytes; building the page table")
+        fd = os.open(ram_path, os.O_RDWR)
+        try:
+            if os.fstat(fd).st_size != ram_size:
+                raise MigrationError(f"{ram_path} is not {vm}'s RAM ({ram_size} bytes)")
+            offsets = pt.pages_of_extents(data_extents(fd, ram_size), ram_size)
+            with mmap.mmap(fd, ram_size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                table = pt.build(vm, ram_size, memoryview(m), offsets, dev_len=len(dev),
+                                 dev_hash=xxhash.xxh3_64_intdigest(dev))
+        finally:
+            os.close(fd)
+        tbl_tmp.write_bytes(table.to_bytes())
+        t_table = time.monotonic()
+    except (HvError, OSError) as err:
+        for p in (dev_tmp, tbl_tmp):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        with contextlib.suppress(HvError):
+            qmp_call(qmp, "cont")
+        if isinstance(err, HvError):
+            raise
+        raise MigrationError(f"freezing {vm} failed: {err}; it runs on") from err
     # The host's CPUs are gone: only its memory and its NIC stay.
     with contextlib.suppress(ProcessLookupError):
         os.kill(qemu_pid, signal.SIGKILL)
     _wait_dead(qemu_pid)
     os.replace(dev_tmp, files.devstate)
-    os.replace(mem_path, files.ram)
-    tmp = files.table.with_suffix(".pgtbl.tmp")
-    tmp.write_bytes(table.to_bytes())
-    os.replace(tmp, files.table)
+    os.replace(ram_path, files.ram)
+    os.replace(tbl_tmp, files.table)
     meta = {"vm": vm, "ram_size": ram_size, "pages": len(offsets),
             "populated_bytes": table.populated_bytes, "dev_len": len(dev),
             "table_len": pt.table_size(len(offsets)), "created_ns": table.created_ns,
-            "source_ram_path": str(mem_path), "frozen_at": time.time(),
+            "source_ram_path": str(ram_path), "frozen_at": time.time(),
             "stop_ms": round((t_stop - t0) * 1000, 1),
             "devstate_ms": round((t_dev - t_stop) * 1000, 1),
             "table_ms": round((t_table - t_dev) * 1000, 1),
             "total_ms": round((time.monotonic() - t0) * 1000, 1)}
-    files.meta.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp = files.meta.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, files.meta)
     on_step(f"{vm}: frozen, {len(offsets)} populated pages, QEMU killed")
     return meta
 

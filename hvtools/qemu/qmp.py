@@ -7,6 +7,7 @@ monitor chardev accepts one client at a time, so nothing holds it open between c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,9 @@ async def _run(socket: Path, calls: Sequence[tuple[str, dict[str, Any] | None]],
     except (QMPError, EOFError, OSError) as err:
         raise VmError(f"QMP {name} failed: {type(err).__name__}: {err}") from err
     finally:
-        await client.disconnect()
+        # A command that ends QEMU (quit) closes the socket under us: nothing to report.
+        with contextlib.suppress(QMPError, EOFError, OSError):
+            await client.disconnect()
 
 
 def qmp_call(socket: Path, command: str, arguments: dict[str, Any] | None = None,

@@ -24,6 +24,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def main(state_dir: Path) -> int:
+    # Work inside the state dir by relative paths: a state dir renamed while QEMU runs (a live
+    # migration's switch-over) keeps its supervisor writing to the right place, and the driver
+    # recognises both processes by their working directory.
+    os.chdir(state_dir)
+    state_dir = Path(".")
     argv = json.loads((state_dir / "argv.json").read_text())
     forwarded = (signal.SIGTERM, signal.SIGINT)
     # Hold the signals until QEMU exists to receive them, so none is lost in between.

@@ -1,0 +1,300 @@
+"""Migrations between lab hosts, end to end: checks, the destination, the engine, the switch-over.
+
+``migrate_live``: QEMU's own live migration (qemu driver: QMP on both sides, see
+:mod:`hvtools.migration.live`). ``fail_host`` / ``recover``: the seed design of
+:mod:`hvtools.migration.recovery`, driven through the hosts' agents.
+
+Every refusal happens before anything changes. A failure after that removes what was started on
+the destination, and leaves the source VM running (live) or the failed host's memory intact
+(recovery), so the same command can simply be run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvtools.control.driver import VmInfo, VmState
+from hvtools.control.qemu_driver import QemuDriver, host_ram_path
+from hvtools.errors import (
+    HostDownError,
+    HvError,
+    MigrationError,
+    MigrationRefused,
+    StateError,
+    UnknownVmError,
+    UsageError,
+)
+from hvtools.lab.hosts import HostHandle, Lab, load_lab
+from hvtools.migration import incoming, live, recovery
+from hvtools.spec import VmSpec
+
+Say = Callable[[str], None]
+
+#: Port QEMU's incoming migration listens on, on the destination's lab address.
+MIGRATION_PORT = 49152
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Placement:
+    vm: VmInfo
+    lab: Lab
+    source: HostHandle
+
+
+def _rdma_devices() -> list[str]:
+    root = Path("/sys/class/infiniband")
+    return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
+
+
+def _is_failed(host: HostHandle) -> bool:
+    return (host.state_dir / "failed.json").exists()
+
+
+def _require_host(lab: Lab, name: str, role: str) -> HostHandle:
+    host = lab.host(name)
+    if not host.up:
+        raise HostDownError(f"{role} host {name} is down (its agent does not answer)")
+    if _is_failed(host):
+        raise MigrationRefused(f"{role} host {name} has failed (hvtools host revive {name})")
+    return host
+
+
+def _check_capacity(host: HostHandle, spec: VmSpec) -> None:
+    """The destination must hold the VM's RAM in its memory (tmpfs) and in host RAM."""
+    host.memory_dir.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(host.memory_dir)
+    free = st.f_bavail * st.f_frsize
+    avail = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    need = spec.memory
+    if free < need or avail < need:
+        raise MigrationRefused(
+            f"host {host.name} lacks memory for {spec.name}: needs {need >> 20} MiB, has "
+            f"{min(free, avail) >> 20} MiB free")
+
+
+def place(driver: QemuDriver, name: str) -> Placement:
+    vm = driver.info(name)
+    if vm.host is None or vm.lab is None:
+        raise UsageError(f"VM {name!r} does not run on a lab host (start it with "
+                         f"`hvtools vm start {name} --host H`)")
+    lab = load_lab(vm.lab)
+    return Placement(vm, lab, lab.host(vm.host))
+
+
+# -- live -----------------------------------------------------------------------------------------
+@dataclass
+class LiveResult:
+    report: live.Report
+    dirty_rate: int
+    destination_start_ms: float
+    switchover_ms: float
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.report.to_json()
+        out.update(destination_start_ms=self.destination_start_ms,
+                   switchover_ms=self.switchover_ms)
+        return out
+
+
+def migrate_live(name: str, to: str, *, transport: str = "tcp",
+                 opts: live.Options | None = None,
+                 on_progress: Callable[[live.Progress], None] = lambda _p: None,
+                 say: Say = _quiet, driver: QemuDriver | None = None) -> LiveResult:
+    driver = driver or QemuDriver()
+    opts = opts or live.Options()
+    p = place(driver, name)
+    if p.vm.state is not VmState.RUNNING:
+        raise StateError(f"VM {name!r} is {p.vm.state}, not running")
+    if p.source.name == to:
+        raise UsageError(f"VM {name!r} already runs on {to}")
+    if not p.source.up:
+        raise HostDownError(f"source host {p.source.name} is down")
+    dst = _require_host(p.lab, to, "destination")
+    _check_capacity(dst, p.vm.spec)
+    if transport not in ("tcp", "rdma"):
+        raise UsageError(f"unknown transport {transport!r} (tcp or rdma)")
+    if transport == "rdma" and not _rdma_devices():
+        raise MigrationRefused(
+            "--transport rdma needs an RDMA device on both hosts for QEMU's rdma: "
+            "migration; this machine has none (/sys/class/infiniband is empty, no rxe/siw "
+            "in the kernel). Use --transport tcp")
+    status = driver.qmp(name, "query-status")["status"]
+    if status != "running":
+        raise StateError(f"VM {name!r} is {status}, not running")
+    assert p.vm.state_dir is not None
+    src_qmp = p.vm.state_dir / "qmp.sock"
+    say(f"measuring {name}'s dirty rate (calc-dirty-rate, 1 s)")
+    rate = live.dirty_rate(src_qmp)
+    scheme = "rdma" if transport == "rdma" else "tcp"
+    uri = f"{scheme}:{dst.address}:{MIGRATION_PORT}"
+    say(f"starting the destination on {to}")
+    t0 = time.monotonic()
+    dest = incoming.start(driver, name, host=f"{p.lab.name}/{to}")
+    t_dst = (time.monotonic() - t0) * 1000
+    try:
+        report = live.migrate(name, p.source.name, to, src_qmp, dest.qmp_socket, uri, opts,
+                              on_progress, rate)
+    except BaseException:
+        incoming.discard(driver, name)
+        raise
+    t1 = time.monotonic()
+    incoming.adopt(driver, name)
+    return LiveResult(report, rate, round(t_dst, 1), round((time.monotonic() - t1) * 1000, 1))
+
+
+# -- host failure and recovery ------------------------------------------------------------------
+def fail_host(host_name: str, lab_name: str | None = None, say: Say = _quiet) -> dict[str, Any]:
+    lab = load_lab(lab_name)
+    host = lab.host(host_name)
+    if not host.up:
+        raise HostDownError(f"host {host_name} is down (its agent does not answer)")
+    say(f"{host_name}: freezing its VMs, saving page tables and device state")
+    result: dict[str, Any] = host.call("host_fail", timeout=300.0)
+    driver = QemuDriver()
+    for meta in result.get("frozen", []):
+        # Its QEMU is gone (killed by the freeze); clear the stale runtime. The RAM file has
+        # moved to the host's frozen/ directory, so this frees nothing of the guest's.
+        with contextlib.suppress(HvError):
+            driver.kill(meta["vm"])
+    return result
+
+
+def revive_host(host_name: str, lab_name: str | None = None) -> dict[str, Any]:
+    lab = load_lab(lab_name)
+    result: dict[str, Any] = lab.host(host_name).call("host_revive")
+    return result
+
+
+def _holder(lab: Lab, vm: str) -> HostHandle | None:
+    for h in lab.hosts:
+        if recovery.FrozenFiles(recovery.frozen_dir(h.memory_dir), vm).meta.exists():
+            return h
+    return None
+
+
+@dataclass
+class RecoveryResult:
+    vm: str
+    source: str
+    destination: str
+    pull: dict[str, Any]
+    start_ms: float
+    restore_ms: float
+    answer_ms: float
+    total_ms: float
+    steps: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def recover(name: str, to: str, *, lab_name: str | None = None,
+            on_progress: Callable[[int, int], None] = lambda _d, _t: None,
+            say: Say = _quiet, driver: QemuDriver | None = None,
+            answer_timeout: float = 60.0) -> RecoveryResult:
+    """Pull frozen VM ``name`` onto host ``to`` and resume it there."""
+    driver = driver or QemuDriver()
+    t0 = time.monotonic()
+    vm = driver.info(name)  # UnknownVmError for a name hvtools never knew
+    lab = load_lab(lab_name or vm.lab)
+    source = _holder(lab, name)
+    if source is None:
+        raise UsageError(f"no host of lab {lab.name} holds a frozen copy of {name!r} "
+                         "(only VMs of a host that went through `hvtools host fail` recover)")
+    if vm.state.active:
+        raise StateError(f"VM {name!r} is {vm.state} on {vm.host}; it is not frozen")
+    if source.name == to:
+        raise UsageError(f"{to} is the failed host holding {name!r}; recover onto another host")
+    if not source.up:
+        raise HostDownError(f"{source.name}'s agent (its NIC) does not answer: its memory "
+                            "cannot be read")
+    dst = _require_host(lab, to, "destination")
+    _check_capacity(dst, vm.spec)
+    say(f"pulling {name} from {source.name} ({source.address}) into {to}'s memory")
+    result: dict[str, Any] = {}
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.update(dst.call("recovery_pull", vm=name, source=source.address,
+                                   timeout=900.0))
+        except BaseException as err:  # re-raised in the caller's thread
+            failure.append(err)
+
+    th = threading.Thread(target=work, name=f"pull-{name}")
+    th.start()
+    while th.is_alive():
+        th.join(0.1)
+        with contextlib.suppress(HvError):
+            prog = dst.call("recovery_progress", vm=name, timeout=5.0)
+            if prog.get("total"):
+                on_progress(int(prog["done"]), int(prog["total"]))
+    if failure:
+        raise failure[0]
+    pulled_ram = Path(result["ram_path"])
+    devstate = Path(result["devstate_path"])
+    ram = host_ram_path(dst.memory_dir, name)
+    say(f"{name}: {result['pages']} pages verified; starting QEMU on {to} from its RAM file")
+    t_start = time.monotonic()
+    os.replace(pulled_ram, ram)
+    try:
+        info, _ = driver.start(name, host=f"{lab.name}/{to}", keep_ram=True, wait_agent=False,
+                               extra_args=("-incoming", "defer"))
+        t_restore = time.monotonic()
+        assert info.state_dir is not None
+        recovery.restore_vm(info.state_dir / "qmp.sock", devstate)
+        t_answer = time.monotonic()
+        with driver.agent(name, timeout=answer_timeout) as agent:
+            agent.ping()
+    except BaseException:
+        with contextlib.suppress(HvError):
+            driver.kill(name)
+        with contextlib.suppress(OSError):
+            if ram.exists():
+                os.replace(ram, pulled_ram)
+        raise
+    t_end = time.monotonic()
+    table = Path(result["ram_path"]).with_suffix(".pgtbl")
+    with contextlib.suppress(OSError):
+        shutil.move(str(table), str(ram.with_suffix(".pgtbl")))  # stored beside its RAM file
+    with contextlib.suppress(OSError):
+        devstate.unlink()
+    with contextlib.suppress(HvError):
+        source.call("recovery_release", vm=name, delete=True)
+    return RecoveryResult(
+        vm=name, source=source.name, destination=to, pull=result,
+        start_ms=round((t_restore - t_start) * 1000, 1),
+        restore_ms=round((t_answer - t_restore) * 1000, 1),
+        answer_ms=round((t_end - t_answer) * 1000, 1),
+        total_ms=round((t_end - t0) * 1000, 1))
+
+
+def abort_recovery(name: str, to: str, lab_name: str | None = None) -> dict[str, Any]:
+    lab = load_lab(lab_name)
+    out: dict[str, Any] = lab.host(to).call("recovery_abort", vm=name)
+    return out
+
+
+def vm_or_error(driver: QemuDriver, name: str) -> VmInfo:
+    try:
+        return driver.info(name)
+    except UnknownVmError:
+        raise
+    except HvError as err:
+        raise MigrationError(str(err)) from err
