@@ -514,5 +514,9 @@ from hvtools.cli.lab_cmds import register as register_lab_cmds  # noqa: E402
 
 register_lab_cmds(main)
 
+from hvtools.cli.migrate_cmds import register as register_migrate_cmds  # noqa: E402
+
+register_migrate_cmds(main)
+
 if __name__ == "__main__":
     run()
