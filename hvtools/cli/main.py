@@ -518,5 +518,9 @@ from hvtools.cli.migrate_cmds import register as register_migrate_cmds  # noqa: 
 
 register_migrate_cmds(main)
 
+from hvtools.cli.bench_cmds import register as register_bench_cmds  # noqa: E402
+
+register_bench_cmds(main)
+
 if __name__ == "__main__":
     run()
