@@ -448,7 +448,7 @@ def _teardown(lab: str, progress: Progress) -> dict[str, Any]:
             progress(f"{h}: stopping agent (pid {pid})")
             _stop_pid(pid)
             removed["agents"].append(pid)
-        if (d / "libvirt").exists():
+        if (d / "run" / "libvirt").exists():
             from hvtools.lab.libvirtd import stop_host_libvirt
 
             try:

@@ -4,7 +4,8 @@ Where a lab keeps things (``<lab>`` and ``<host>`` are the spec's names)::
 
     $HVTOOLS_HOME/lab/<lab>/lab.json             what `lab up` built (spec, link, fallback)
     $HVTOOLS_HOME/lab/<lab>/<host>/              the host's state dir: agent.sock, agent.pid,
-                                                 agent.log (and libvirt/ when libvirt = true)
+                                                 agent.log (and, with libvirt = true, the
+                                                 host's private etc/, var/, run/ libvirt trees)
     /dev/shm/hvtools/<home-slug>/lab-<lab>/<host>/   the host's memory: its VMs' RAM files
     netns hv-<lab>-<host>, hv-<lab>-sw               the host, and the switch holding the bridge
 
@@ -259,7 +260,7 @@ class HostHandle:
     @property
     def libvirt_uri(self) -> str:
         """The host's own libvirtd (labs built with ``libvirt = true``)."""
-        sock = self.state_dir / "libvirt" / "run" / "libvirt" / "libvirt-sock"
+        sock = self.state_dir / "run" / "libvirt" / "libvirt-sock"
         return f"qemu+unix:///system?socket={sock}"
 
     @property

@@ -31,6 +31,7 @@ from hvtools.lab.hosts import (
     load_lab,
     netns_inode,
     netns_path,
+    pid_alive,
     rpc_unix,
 )
 from hvtools.lab.spec import parse_lab_toml
@@ -40,8 +41,9 @@ SUBNET_BASE = "10.213"
 _labs = itertools.count(1)
 
 
-def _spec_text(name: str, *, link: str = "veth", third: int = 7) -> str:
+def _spec_text(name: str, *, link: str = "veth", third: int = 7, libvirt: bool = False) -> str:
     return (f'name = "{name}"\nlink = "{link}"\nsubnet = "{SUBNET_BASE}.{third}.0/24"\n'
+            f'libvirt = {"true" if libvirt else "false"}\n'
             f'[[host]]\nname = "h1"\naddress = "{SUBNET_BASE}.{third}.1"\n'
             f'[[host]]\nname = "h2"\naddress = "{SUBNET_BASE}.{third}.2"\n')
 
@@ -296,3 +298,40 @@ def test_bad_input_is_one_line_and_changes_nothing(lab: Lab, lab_name: str,
     with pytest.raises(HostDownError):
         rpc_unix(host_dir(lab_name, "h1") / "agent.sock", "ping", timeout=2.0)
     assert netns_path(h1.netns).exists()
+
+
+def test_per_host_libvirtd_in_its_own_namespaces(lab_name: str, tmp_path: Path) -> None:
+    import re
+
+    from hvtools.lab import libvirtd
+    from hvtools.libvirt.daemon import connect
+
+    spec = tmp_path / "lab.toml"
+    spec.write_text(_spec_text(lab_name, third=11, libvirt=True))
+    res = hvtools_cli("lab", "up", str(spec), "--json")
+    assert res.returncode == 0, res.stderr
+    st = json.loads(res.stdout)
+    assert [h["libvirt_up"] for h in st["hosts"]] == [True, True]
+    lab = load_lab(lab_name)
+    uuids, pids = [], []
+    for h in lab.hosts:
+        assert h.libvirt_uri == f"qemu+unix:///system?socket={h.state_dir}/run/libvirt/libvirt-sock"
+        conn = connect(h.libvirt_uri)
+        try:
+            caps = conn.getCapabilities()
+        finally:
+            conn.close()
+        m = re.search(r"<host>\s*<uuid>([0-9a-f-]+)</uuid>", caps)
+        assert m is not None
+        uuids.append(m.group(1))
+        pid = int((h.state_dir / "run/libvirt/libvirtd.pid").read_text())
+        pids.append(pid)
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == netns_inode(h.netns)
+        assert os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+        assert libvirtd.host_libvirt_up(h)
+    assert len(set(uuids)) == 2  # distinct host UUIDs, as two machines have
+    # The bind mounts stay inside the daemons' mount namespaces.
+    assert str(lab_dir(lab_name)) not in Path("/proc/self/mountinfo").read_text()
+    build.lab_down(lab_name)
+    assert not any(pid_alive(pid) for pid in pids)  # (a zombie awaiting init counts as gone)
+    assert _lab_traces(lab_name) == {"netns": [], "procs": [], "files": []}
