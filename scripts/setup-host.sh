@@ -26,7 +26,8 @@ fi
 
 PKGS=(python3 python3-venv python3-dev busybox-static cpio kmod xz-utils zstd gcc libc6-dev
       make pkg-config
-      libvirt-daemon-system libvirt-dev iproute2 util-linux libfabric1 libfabric-bin)
+      libvirt-daemon-system libvirt-dev iproute2 util-linux libfabric1 libfabric-bin
+      libfabric-dev python3-pyverbs)
 BPO_PKGS=(qemu-system-x86 qemu-utils qemu-system-common qemu-system-data seabios)
 
 missing=()
