@@ -218,7 +218,9 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
         if status != "running":
             raise MigrationError(f"VM {vm!r} is {status} on {source}, not running")
         avail = {c["capability"] for c in await dst.run("query-migrate-capabilities")}
-        caps = {"events": True}
+        # Explicit on both sides: a QEMU restored by recovery still has x-ignore-shared on,
+        # and a live migration must carry RAM.
+        caps = {"events": True, "x-ignore-shared": False, "postcopy-ram": False}
         if opts.postcopy:
             if "postcopy-ram" not in avail:
                 raise MigrationError(f"the QEMU on {destination} has no postcopy-ram")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +142,30 @@ def hash_pages(mem: memoryview, offsets: npt.NDArray[np.uint64]) -> npt.NDArray[
     digest = xxhash.xxh3_64_intdigest
     return np.fromiter((digest(mem[o:o + PAGE]) for o in offsets.tolist()), dtype=np.uint64,
                        count=len(offsets))
+
+
+def nonzero(mem: memoryview, offsets: npt.NDArray[np.uint64], *,
+            threads: int = 2) -> npt.NDArray[np.bool_]:
+    """Which pages at ``offsets`` (sorted) hold a non-zero byte.
+
+    A zero page need not travel: the destination's fresh RAM file reads as zeros there.
+    """
+    words = np.frombuffer(mem, dtype=np.uint64)
+    keep = np.zeros(len(offsets), dtype=bool)
+
+    def scan(run: Run) -> None:
+        rows = words[run.offset // 8:(run.offset + run.length) // 8].reshape(-1, PAGE // 8)
+        keep[run.first:run.last] = rows.any(axis=1)
+
+    runs = coalesce(offsets, max_bytes=64 << 20)
+    if len(runs) > 1 and threads > 1:
+        # numpy drops the GIL in reductions: the scan runs on every core.
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(scan, runs))
+    else:
+        for run in runs:
+            scan(run)
+    return keep
 
 
 def build(vm: str, ram_size: int, mem: memoryview, offsets: npt.NDArray[np.uint64], *,

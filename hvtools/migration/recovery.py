@@ -6,6 +6,8 @@
    page table (:mod:`hvtools.migration.pagetable`), kill QEMU. The RAM file, the table and the
    device state move to the host's ``frozen/`` directory, where nothing else deletes them, and
    are registered for remote READ (:class:`Exports`).
+   Populated pages that hold only zeros are left out: the destination's fresh file reads as
+   zeros there.
 2. Pull (:func:`pull_vm`, on the destination): one READ for the table, then batched READs of the
    coalesced page runs straight into the destination's own RAM file, each page checked against
    its hash, then the device state. Progress is journalled per run, so a broken transfer resumes
@@ -137,10 +139,17 @@ def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Pat
         try:
             if os.fstat(fd).st_size != ram_size:
                 raise MigrationError(f"{ram_path} is not {vm}'s RAM ({ram_size} bytes)")
-            offsets = pt.pages_of_extents(data_extents(fd, ram_size), ram_size)
-            with mmap.mmap(fd, ram_size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-                table = pt.build(vm, ram_size, memoryview(m), offsets, dev_len=len(dev),
-                                 dev_hash=xxhash.xxh3_64_intdigest(dev))
+            populated = pt.pages_of_extents(data_extents(fd, ram_size), ram_size)
+            # MAP_POPULATE: one pass in the kernel instead of a fault per page.
+            with mmap.mmap(fd, ram_size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                           mmap.PROT_READ) as m:
+                view = memoryview(m)
+                try:
+                    offsets = populated[pt.nonzero(view, populated, threads=os.cpu_count() or 1)]
+                    table = pt.build(vm, ram_size, view, offsets, dev_len=len(dev),
+                                     dev_hash=xxhash.xxh3_64_intdigest(dev))
+                finally:
+                    view.release()
         finally:
             os.close(fd)
         tbl_tmp.write_bytes(table.to_bytes())
@@ -149,6 +158,9 @@ def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Pat
         for p in (dev_tmp, tbl_tmp):
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
+        with contextlib.suppress(HvError):
+            qmp_call(qmp, "migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": False}]})
         with contextlib.suppress(HvError):
             qmp_call(qmp, "cont")
         if isinstance(err, HvError):
@@ -162,6 +174,7 @@ def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Pat
     os.replace(ram_path, files.ram)
     os.replace(tbl_tmp, files.table)
     meta = {"vm": vm, "ram_size": ram_size, "pages": len(offsets),
+            "populated_pages": len(populated), "zero_pages": len(populated) - len(offsets),
             "populated_bytes": table.populated_bytes, "dev_len": len(dev),
             "table_len": pt.table_size(len(offsets)), "created_ns": table.created_ns,
             "source_ram_path": str(ram_path), "frozen_at": time.time(),
@@ -471,7 +484,10 @@ def restore_vm(qmp: Path, devstate: Path, timeout: float = 60.0) -> float:
             if info.get("status") in ("failed", "cancelled"):
                 raise MigrationError(f"loading the device state failed: "
                                      f"{info.get('error-desc', info.get('status'))}")
-            if st == "paused" or st == "postmigrate":
+            # Leave no capability behind for this QEMU's next migration.
+            qmp_call(qmp, "migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": False}]})
+            if st in ("paused", "postmigrate"):
                 qmp_call(qmp, "cont")
             return (time.monotonic() - t0) * 1000
         if st not in ("inmigrate", "restore-vm", "prelaunch"):

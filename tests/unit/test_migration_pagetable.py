@@ -100,3 +100,13 @@ def test_relocated_table_keeps_hashes_and_changes_locations() -> None:
     assert np.array_equal(moved.entries["hash"], table.entries["hash"])
     with pytest.raises(pt.PageTableError):
         table.relocated(np.zeros(3, dtype=np.uint64))
+
+
+def test_nonzero_finds_pages_with_any_set_byte() -> None:
+    mem = bytearray(16 * pt.PAGE)
+    mem[3 * pt.PAGE + 4095] = 1       # last byte of page 3
+    mem[8 * pt.PAGE] = 0x80           # first byte of page 8
+    mem[15 * pt.PAGE + 2048] = 7
+    offsets = np.array([0, 3, 4, 8, 9, 15], dtype=np.uint64) * pt.PAGE
+    assert pt.nonzero(memoryview(mem), offsets).tolist() == [False, True, False, True, False,
+                                                               True]
