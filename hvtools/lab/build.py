@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvtools.control.driver import locked, tail_lines
+from hvtools.control.driver import check_socket_path, locked, tail_lines
 from hvtools.errors import HostDownError, HvError, LabError, StateError, UsageError
 from hvtools.lab.hosts import (
     HostHandle,
@@ -224,6 +224,9 @@ def lab_up(spec: LabSpec, *, progress: Progress = _quiet) -> LabStatus:
 
     A failure mid-way removes whatever this call built and raises.
     """
+    for h in spec.hosts:  # refused before anything exists
+        check_socket_path(host_dir(spec.name, h.name) / "agent.sock")
+        check_socket_path(host_dir(spec.name, h.name) / "run" / "libvirt" / "libvirt-sock-ro")
     labs_root().mkdir(parents=True, exist_ok=True)
     with locked(_lock(spec.name)):
         record = read_record(spec.name)
