@@ -3,6 +3,21 @@
 :func:`open_endpoint` picks the backend: ``fabric`` (libfabric: ``tcp`` across hosts and network
 namespaces, ``shm`` inside one host, ``verbs`` on RDMA hosts) or ``verbs`` (pyverbs, RC QPs
 through rdma_cm). Both implement :class:`~hvtools.transport.api.Endpoint`.
+
+A target serves a file-backed region (a VM's RAM file) and drives progress::
+
+    ep = open_endpoint("fabric", "tcp", "10.77.0.1")
+    mm = mmap.mmap(fd, size)                       # writable, MAP_SHARED
+    region = ep.register(mm).remote()              # publish region.to_json() and ep.address
+    ep.start_progress()                            # or: with ep.serve(): ...
+
+An initiator pulls scattered pages into its own mmap, many ops in flight::
+
+    ep = open_endpoint("fabric", "tcp", "10.77.0.2")
+    local = ep.register(dst_mm)
+    peer = ep.connect(target_address)
+    runs = coalesce((page * 4096, loc * 4096, 4096) for page, loc in pages)  # (local, remote, n)
+    ep.read_many(peer, [(local, lo, region, ro, n) for lo, ro, n in runs], depth=256)
 """
 
 from __future__ import annotations

@@ -309,3 +309,13 @@ def test_in_process_target_with_progress_thread() -> None:
             ops = [(mr, o, region, o, PAGE) for o in range(0, 1 << 20, PAGE)]
             assert ini.read_many(peer, ops) == 1 << 20
         assert dst == src
+
+
+def test_verbs_without_a_device_says_which_hardware_is_missing() -> None:
+    from hvtools.errors import NoRdmaDeviceError
+    from hvtools.transport.verbs import rdma_devices
+
+    if rdma_devices():
+        pytest.skip(f"this host has RDMA devices {rdma_devices()}: the suite above runs verbs")
+    with pytest.raises(NoRdmaDeviceError, match="no RDMA device"):
+        open_endpoint("verbs", "rc", "127.0.0.1")
