@@ -9,7 +9,8 @@ Methods (params → result):
   ``host_revive`` {}                     clear the failed state (no frozen VM may be left)
   ``recovery_exports`` {vm}              register a frozen VM's table, device state, RAM
   ``recovery_release`` {vm, delete}      deregister (and free) a frozen VM
-  ``recovery_pull`` {vm, source}         pull ``vm`` from the agent at ``source`` (an address)
+  ``recovery_pull`` {vm, source, ram_path?}  pull ``vm`` from the agent at ``source`` (an
+                                         address), into ``ram_path`` (in this host's memory)
   ``recovery_progress`` {vm}             bytes done/total of a pull in progress
   ``recovery_abort`` {vm}                throw away a partial pull
   ``fabric_info`` {}                     the endpoint's address and provider
@@ -21,6 +22,7 @@ import json
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hvtools.errors import HvError, MigrationError, StateError, UsageError
@@ -148,9 +150,13 @@ class HostOps:
             def progress(done: int, total: int) -> None:
                 self._progress[vm] = (done, total)
 
-            stats = recovery.pull_vm(self.endpoint(), exports, dest, progress)
+            ram = p.get("ram_path")
+            target = Path(ram) if isinstance(ram, str) else None
+            if target is not None and target.parent != self.agent.memory_dir:
+                raise UsageError(f"ram_path {target} is not in {self.agent.host.name}'s memory")
+            stats = recovery.pull_vm(self.endpoint(), exports, dest, progress, target)
             out = stats.to_json()
-            out["ram_path"] = str(recovery.PulledFiles(dest, vm).ram)
+            out["ram_path"] = str(target or recovery.PulledFiles(dest, vm).ram)
             out["devstate_path"] = str(recovery.PulledFiles(dest, vm).devstate)
             out["meta"] = exports["meta"]
             return out

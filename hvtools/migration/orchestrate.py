@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -208,7 +207,13 @@ def recover(name: str, to: str, *, lab_name: str | None = None,
             on_progress: Callable[[int, int], None] = lambda _d, _t: None,
             say: Say = _quiet, driver: QemuDriver | None = None,
             answer_timeout: float = 60.0) -> RecoveryResult:
-    """Pull frozen VM ``name`` onto host ``to`` and resume it there."""
+    """Pull frozen VM ``name`` onto host ``to`` and resume it there.
+
+    The destination QEMU starts (``-incoming defer``, on the RAM file being filled) while the
+    pages travel; it is resumed only once every page and the device state arrived verified.
+    On failure it is killed, the partial RAM file is parked for a resume, and the failed
+    host's frozen copy is untouched.
+    """
     driver = driver or QemuDriver()
     t0 = time.monotonic()
     vm = driver.info(name)  # UnknownVmError for a name hvtools never knew
@@ -225,67 +230,86 @@ def recover(name: str, to: str, *, lab_name: str | None = None,
         raise HostDownError(f"{source.name}'s agent (its NIC) does not answer: its memory "
                             "cannot be read")
     dst = _require_host(lab, to, "destination")
+    exports = source.call("recovery_exports", vm=name)
+    frozen_size = int(exports["meta"]["ram_size"])
+    if frozen_size != vm.spec.memory:
+        raise MigrationRefused(
+            f"mismatched spec: {name}'s spec has {vm.spec.memory >> 20} MiB of RAM, the frozen "
+            f"copy on {source.name} {frozen_size >> 20} MiB")
     _check_capacity(dst, vm.spec)
-    say(f"pulling {name} from {source.name} ({source.address}) into {to}'s memory")
+    ram = host_ram_path(dst.memory_dir, name)
+    parked = recovery.PulledFiles(recovery.recovering_dir(dst.memory_dir), name).ram
+    if ram.exists() and not parked.exists():
+        raise MigrationRefused(f"{ram} exists on {to}: another VM's RAM file is in the way")
+    if parked.exists():
+        say(f"resuming an earlier pull of {name} on {to}")
+        os.replace(parked, ram)
+    say(f"pulling {name} from {source.name} ({source.address}) into {to}'s memory; "
+        f"starting QEMU on {to}")
     result: dict[str, Any] = {}
     failure: list[BaseException] = []
 
     def work() -> None:
         try:
-            result.update(dst.call("recovery_pull", vm=name, source=source.address,
-                                   timeout=900.0))
+            result.update(dst.request("recovery_pull", {"vm": name, "source": source.address,
+                                                        "ram_path": str(ram)}, timeout=900.0))
         except BaseException as err:  # re-raised in the caller's thread
             failure.append(err)
 
     th = threading.Thread(target=work, name=f"pull-{name}")
     th.start()
-    while th.is_alive():
-        th.join(0.1)
-        with contextlib.suppress(HvError):
-            prog = dst.call("recovery_progress", vm=name, timeout=5.0)
-            if prog.get("total"):
-                on_progress(int(prog["done"]), int(prog["total"]))
-    if failure:
-        raise failure[0]
-    pulled_ram = Path(result["ram_path"])
-    devstate = Path(result["devstate_path"])
-    ram = host_ram_path(dst.memory_dir, name)
-    say(f"{name}: {result['pages']} pages verified; starting QEMU on {to} from its RAM file")
+    started = False
     t_start = time.monotonic()
-    os.replace(pulled_ram, ram)
+    t_restore = t_answer = t_start
     try:
         info, _ = driver.start(name, host=f"{lab.name}/{to}", keep_ram=True, wait_agent=False,
                                extra_args=("-incoming", "defer"))
+        started = True
+        t_started = time.monotonic()
+        while th.is_alive():
+            th.join(0.1)
+            with contextlib.suppress(HvError):
+                prog = dst.call("recovery_progress", vm=name, timeout=5.0)
+                if prog.get("total"):
+                    on_progress(int(prog["done"]), int(prog["total"]))
+        if failure:
+            raise failure[0]
+        say(f"{name}: {result['pages']} pages verified; loading its device state")
         t_restore = time.monotonic()
         assert info.state_dir is not None
-        recovery.restore_vm(info.state_dir / "qmp.sock", devstate)
+        recovery.restore_vm(info.state_dir / "qmp.sock", Path(result["devstate_path"]))
         t_answer = time.monotonic()
         with driver.agent(name, timeout=answer_timeout) as agent:
             agent.ping()
     except BaseException:
-        with contextlib.suppress(HvError):
-            driver.kill(name)
+        th.join()
         with contextlib.suppress(OSError):
             if ram.exists():
-                os.replace(ram, pulled_ram)
+                os.replace(ram, parked)  # kept for a resume; QEMU's mapping goes with it
+        if started:
+            with contextlib.suppress(HvError):
+                driver.kill(name)
         raise
     t_end = time.monotonic()
-    table = Path(result["ram_path"]).with_suffix(".pgtbl")
+    pulled = recovery.PulledFiles(recovery.recovering_dir(dst.memory_dir), name)
     with contextlib.suppress(OSError):
-        shutil.move(str(table), str(ram.with_suffix(".pgtbl")))  # stored beside its RAM file
+        os.replace(pulled.table, ram.with_suffix(".pgtbl"))  # stored beside its RAM file
     with contextlib.suppress(OSError):
-        devstate.unlink()
+        pulled.devstate.unlink()
+    with contextlib.suppress(OSError):
+        pulled.root.rmdir()
     with contextlib.suppress(HvError):
         source.call("recovery_release", vm=name, delete=True)
     return RecoveryResult(
         vm=name, source=source.name, destination=to, pull=result,
-        start_ms=round((t_restore - t_start) * 1000, 1),
+        start_ms=round((t_started - t_start) * 1000, 1),
         restore_ms=round((t_answer - t_restore) * 1000, 1),
         answer_ms=round((t_end - t_answer) * 1000, 1),
         total_ms=round((t_end - t0) * 1000, 1))
 
 
 def abort_recovery(name: str, to: str, lab_name: str | None = None) -> dict[str, Any]:
+    """Throw away what a broken recovery left on ``to``; the failed host's copy stays."""
     lab = load_lab(lab_name)
     out: dict[str, Any] = lab.host(to).call("recovery_abort", vm=name)
     return out

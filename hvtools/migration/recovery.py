@@ -331,11 +331,17 @@ def _read_into(ep: Endpoint, peer: Any, buf: bytearray | mmap.mmap, remote: Remo
 
 
 def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
-            on_progress: Callable[[int, int], None] = lambda _d, _t: None) -> PullStats:
-    """Pull a frozen VM into ``dest_root`` (the destination host's memory); resumable."""
+            on_progress: Callable[[int, int], None] = lambda _d, _t: None,
+            ram_path: Path | None = None) -> PullStats:
+    """Pull a frozen VM into ``dest_root`` (the destination host's memory); resumable.
+
+    The pages go into ``ram_path`` when given (the RAM file the destination QEMU maps, which
+    may already be running with ``-incoming defer``), else into ``dest_root/<vm>.ram``.
+    """
     t0 = time.monotonic()
     vm = str(exports["vm"])
     files = PulledFiles(dest_root, vm)
+    target = ram_path or files.ram
     dest_root.mkdir(parents=True, exist_ok=True)
     peer = ep.connect(str(exports["fabric"]))
     # The first READ: the page table.
@@ -348,12 +354,12 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
                              f"not {vm!r}")
     t_table = time.monotonic()
     runs = pt.coalesce(table.entries["offset"], max_bytes=RUN_BYTES)
-    done = _load_journal(files, table)
+    done = _load_journal(files, table, target)
     ram = RemoteRegion.from_json(exports["ram"])
     if ram.length < table.ram_size:
         raise MigrationError(f"the exported RAM region is {ram.length} bytes, the table says "
                              f"{table.ram_size}")
-    fd = os.open(files.ram, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if os.fstat(fd).st_size != table.ram_size:
             os.ftruncate(fd, table.ram_size)
@@ -391,7 +397,7 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
                     raise MigrationError(f"{len(bad)} page(s) of {vm} arrived corrupted "
                                          f"(first at GPA {gpa:#x}); the source is intact, retry")
                 done[chunk] = True
-                _save_journal(files, table, done)
+                _save_journal(files, table, done, target)
         finally:
             ep.deregister(mr)
     finally:
@@ -420,22 +426,25 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
                      gib_per_s=round(nbytes / max(pages_s, 1e-9) / (1 << 30), 3))
 
 
-def _load_journal(files: PulledFiles, table: pt.PageTable) -> np.ndarray[Any, np.dtype[np.bool_]]:
+def _load_journal(files: PulledFiles, table: pt.PageTable,
+                  target: Path) -> np.ndarray[Any, np.dtype[np.bool_]]:
     runs = len(pt.coalesce(table.entries["offset"], max_bytes=RUN_BYTES))
     done = np.zeros(runs, dtype=bool)
     try:
         j = json.loads(files.journal.read_text())
     except (OSError, ValueError):
         return done
-    if j.get("created_ns") == table.created_ns and j.get("runs") == runs and files.ram.exists():
+    if (j.get("created_ns") == table.created_ns and j.get("runs") == runs
+            and j.get("ram_path") == str(target) and target.exists()):
         done[[int(i) for i in j.get("done", [])]] = True
     return done
 
 
 def _save_journal(files: PulledFiles, table: pt.PageTable,
-                  done: np.ndarray[Any, np.dtype[np.bool_]]) -> None:
+                  done: np.ndarray[Any, np.dtype[np.bool_]], target: Path) -> None:
     tmp = files.journal.with_suffix(".tmp")
     tmp.write_text(json.dumps({"created_ns": table.created_ns, "runs": len(done),
+                               "ram_path": str(target),
                                "done": np.flatnonzero(done).tolist()}))
     os.replace(tmp, files.journal)
 
