@@ -16,7 +16,7 @@ An initiator pulls scattered pages into its own mmap, many ops in flight::
     ep = open_endpoint("fabric", "tcp", "10.77.0.2")
     local = ep.register(dst_mm)
     peer = ep.connect(target_address)
-    runs = coalesce((page * 4096, loc * 4096, 4096) for page, loc in pages)  # (local, remote, n)
+    runs = coalesce((loc * 4096, page * 4096, 4096) for page, loc in pages)  # (local, remote, n)
     ep.read_many(peer, [(local, lo, region, ro, n) for lo, ro, n in runs], depth=256)
 """
 
