@@ -10,8 +10,11 @@ name=${HVTOOLS_DEMO_VM:-demo}
 cleanup() {
   "$hv" vm kill "$name" >/dev/null 2>&1 || true
   "$hv" vm rm "$name" >/dev/null 2>&1 || true
-  "$hv" vm kill "$name.in" >/dev/null 2>&1 || true
-  "$hv" vm rm "$name.in" >/dev/null 2>&1 || true
+  # A migration's destination record (NAME.mXXXXX) that an interrupted run left.
+  for rec in $("$hv" vm list --json 2>/dev/null | grep -o "\"$name\.m[0-9a-f]*\"" | tr -d '"'); do
+    "$hv" vm kill "$rec" >/dev/null 2>&1 || true
+    "$hv" vm rm "$rec" >/dev/null 2>&1 || true
+  done
   "$hv" lab down >/dev/null 2>&1 || true
 }
 trap cleanup EXIT

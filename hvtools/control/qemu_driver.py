@@ -289,6 +289,9 @@ class QemuDriver(Driver):
                 from hvtools.lab.hosts import resolve_host
 
                 host = resolve_host(options.host)  # unknown host / lab down: nothing changed
+                if host.failed:
+                    raise StateError(f"host {host.name} has failed; it runs no VM until "
+                                     f"`hvtools host revive {host.name}`")
             qemu = find_qemu()
             accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
             kernel, initrd = preflight(spec)

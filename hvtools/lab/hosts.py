@@ -277,6 +277,12 @@ class HostHandle:
             else None
 
     @property
+    def failed(self) -> bool:
+        """Whether the host went through ``hvtools host fail`` (hvtools.migration.hostops)
+        and was not revived: its CPUs are gone, only its memory and NIC serve."""
+        return (self.state_dir / "failed.json").exists()
+
+    @property
     def up(self) -> bool:
         """Whether the agent answers a ping now."""
         try:

@@ -18,13 +18,18 @@ Methods (params → result):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hvtools import errors
 from hvtools.errors import HvError, MigrationError, StateError, UsageError
 from hvtools.lab.hosts import rpc_tcp
 from hvtools.migration import recovery
@@ -46,6 +51,7 @@ class HostOps:
         self._exports: recovery.Exports | None = None
         self._progress: dict[str, tuple[int, int]] = {}
         self._pulling: set[str] = set()
+        self._spare: subprocess.Popen[str] | None = None
         self._lock = threading.Lock()
 
     # -- the NIC --------------------------------------------------------------------------------
@@ -66,6 +72,8 @@ class HostOps:
         return self._exports
 
     def close(self) -> None:
+        if self._spare is not None and self._spare.poll() is None:
+            self._spare.kill()
         if self._exports is not None:
             self._exports.close()
         if self._ep is not None:
@@ -154,22 +162,69 @@ class HostOps:
             target = Path(ram) if isinstance(ram, str) else None
             if target is not None and target.parent != self.agent.memory_dir:
                 raise UsageError(f"ram_path {target} is not in {self.agent.host.name}'s memory")
-            stats = recovery.pull_vm(self.endpoint(), exports, dest, progress, target)
-            out = stats.to_json()
+            out = self._run_puller({"exports": exports, "dest": str(dest),
+                                    "ram_path": str(target) if target else None}, progress)
             out["ram_path"] = str(target or recovery.PulledFiles(dest, vm).ram)
             out["devstate_path"] = str(recovery.PulledFiles(dest, vm).devstate)
             out["meta"] = exports["meta"]
             return out
-        except HvError:
-            # A broken endpoint (timeout) cannot be reused: open a fresh one next time.
-            with self._ep_lock:
-                if self._ep is not None and getattr(self._ep, "closed", False):
-                    self._ep = None
-            raise
         finally:
             with self._lock:
                 self._pulling.discard(vm)
                 self._progress.pop(vm, None)
+
+    # -- pulls run in a process of their own (hvtools.migration.puller) -----------------------
+    def _spawn_puller(self) -> subprocess.Popen[str]:
+        with open(self.agent.state_dir / "puller.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "hvtools.migration.puller", self.agent.host.address],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                close_fds=True)
+
+    def warm_puller(self) -> None:
+        """Keep one puller ready, imports done and endpoint open, so a pull starts at once."""
+        with self._lock:
+            if self._spare is None or self._spare.poll() is not None:
+                self._spare = self._spawn_puller()
+
+    def _take_puller(self) -> subprocess.Popen[str]:
+        with self._lock:
+            proc, self._spare = self._spare, None
+        if proc is None or proc.poll() is not None:
+            proc = self._spawn_puller()
+        threading.Thread(target=self.warm_puller, name="puller-spare", daemon=True).start()
+        return proc
+
+    def _run_puller(self, job: dict[str, Any],
+                    progress: Callable[[int, int], None]) -> dict[str, Any]:
+        proc = self._take_puller()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            ready = json.loads(proc.stdout.readline() or "{}")
+            if "ready" not in ready:
+                raise _error(ready.get("error"), "the pull process did not start")
+            proc.stdin.write(json.dumps(job) + "\n")
+            proc.stdin.flush()
+            for line in proc.stdout:
+                msg = json.loads(line)
+                if "progress" in msg:
+                    progress(*msg["progress"])
+                elif "result" in msg:
+                    result: dict[str, Any] = msg["result"]
+                    return result
+                elif "error" in msg:
+                    raise _error(msg["error"], "the pull failed")
+            code = proc.wait()
+            raise MigrationError(f"the pull process ended without a result (exit {code}); "
+                                 "the partial pull is kept for a resume")
+        finally:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def recovery_progress(self, p: dict[str, Any]) -> dict[str, Any]:
         vm = _vm(p)
@@ -184,6 +239,20 @@ class HostOps:
             raise StateError(f"a pull of {vm} is running; wait for it to end")
         recovery.abort_pull(recovery.recovering_dir(self.agent.memory_dir), vm)
         return {"vm": vm, "aborted": True}
+
+
+def _error(err: Any, fallback: str) -> HvError:
+    """The puller's error as the hvtools error class it named (else MigrationError)."""
+    if not isinstance(err, dict):
+        return MigrationError(fallback)
+    cls = getattr(errors, str(err.get("type")), None)
+    message = str(err.get("message", fallback))
+    if isinstance(cls, type) and issubclass(cls, HvError):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return MigrationError(f"{err.get('type')}: {message}")
 
 
 def _vm(p: dict[str, Any]) -> str:
@@ -202,7 +271,8 @@ def register(agent: HostAgent) -> None:
     def warm() -> None:
         try:
             ops.endpoint()
-        except HvError as err:
+            ops.warm_puller()
+        except (HvError, OSError) as err:
             log.error("fabric endpoint not up: %s", err)
 
     threading.Thread(target=warm, name="fabric-warmup", daemon=True).start()

@@ -1,10 +1,13 @@
 """The destination half of a live migration with the qemu driver.
 
-While both QEMUs run, the destination is a second VM record, ``<name>.in``, with the same spec,
-started on the destination host with ``-incoming defer``. When QEMU reports the migration
+While both QEMUs run, the destination is a second VM record, ``<name>.m<5 hex>``, with the
+same spec, started on the destination host with ``-incoming defer``. When QEMU reports the migration
 completed, the source QEMU quits (its RAM file goes with it) and the records are switched: the
 destination's state dir becomes ``<name>``'s. The qemu driver identifies a VM's QEMU and
 supervisor by their working directory (the state dir), so the rename leaves them recognised.
+
+The record's name is fresh for every migration: a QEMU unlinks its socket paths when it exits,
+and those paths still name the record it started under, so they must never be reused.
 """
 
 from __future__ import annotations
@@ -13,15 +16,15 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from hvtools.control.qemu_driver import QemuDriver
-from hvtools.errors import HvError, MigrationError
-
-SUFFIX = ".in"
+from hvtools.errors import HvError, MigrationError, MigrationRefused
 
 
 @dataclass(frozen=True)
@@ -31,13 +34,14 @@ class Incoming:
     qmp_socket: Path
 
 
-def record_name(name: str) -> str:
-    return f"{name}{SUFFIX}"
+def records(driver: QemuDriver, name: str) -> list[str]:
+    """Destination records of ``name`` (normally none: one exists during a migration)."""
+    pat = re.compile(re.escape(name) + r"\.m[0-9a-f]{5}")
+    return sorted(d.name for d in driver.root.glob(f"{name}.m*") if pat.fullmatch(d.name))
 
 
-def discard(driver: QemuDriver, name: str) -> None:
-    """Remove the destination record and its QEMU (after a failed migration)."""
-    rec = record_name(name)
+def discard_record(driver: QemuDriver, rec: str) -> None:
+    """Remove a destination record and its QEMU (after a failed migration)."""
     with contextlib.suppress(HvError):
         driver.kill(rec)
     with contextlib.suppress(HvError):
@@ -46,22 +50,28 @@ def discard(driver: QemuDriver, name: str) -> None:
 
 def start(driver: QemuDriver, name: str, host: str) -> Incoming:
     vm = driver.info(name)
-    rec = record_name(name)
-    discard(driver, name)  # a leftover of an interrupted run
-    driver.create(dataclasses.replace(vm.spec, name=rec))
+    for old in records(driver, name):  # leftovers of an interrupted run
+        discard_record(driver, old)
+    rec = f"{name}.m{secrets.token_hex(3)[:5]}"
+    try:
+        spec = dataclasses.replace(vm.spec, name=rec)
+    except HvError as err:
+        raise MigrationRefused(f"VM name {name!r} is too long to migrate (the destination "
+                               f"record is {rec!r}): {err}") from err
+    driver.create(spec)
     try:
         info, _ = driver.start(rec, host=host, extra_args=("-incoming", "defer"),
                                wait_agent=False)
     except BaseException:
-        discard(driver, name)
+        discard_record(driver, rec)
         raise
     assert info.state_dir is not None
     return Incoming(name, rec, info.state_dir / "qmp.sock")
 
 
-def adopt(driver: QemuDriver, name: str) -> None:
+def adopt(driver: QemuDriver, incoming: Incoming) -> None:
     """After a completed migration: stop the source and make the destination ``name``."""
-    rec = record_name(name)
+    name, rec = incoming.name, incoming.record
     src_dir, dst_dir = driver.root / name, driver.root / rec
     with contextlib.suppress(HvError):
         driver.qmp(name, "quit")

@@ -57,15 +57,11 @@ def _rdma_devices() -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
 
 
-def _is_failed(host: HostHandle) -> bool:
-    return (host.state_dir / "failed.json").exists()
-
-
 def _require_host(lab: Lab, name: str, role: str) -> HostHandle:
     host = lab.host(name)
     if not host.up:
         raise HostDownError(f"{role} host {name} is down (its agent does not answer)")
-    if _is_failed(host):
+    if host.failed:
         raise MigrationRefused(f"{role} host {name} has failed (hvtools host revive {name})")
     return host
 
@@ -117,9 +113,10 @@ def migrate_live(name: str, to: str, *, transport: str = "tcp",
                  say: Say = _quiet, driver: QemuDriver | None = None) -> LiveResult:
     driver = driver or QemuDriver()
     opts = opts or live.Options()
+    state = driver.info(name).state
+    if state is not VmState.RUNNING:
+        raise StateError(f"VM {name!r} is {state}, not running")
     p = place(driver, name)
-    if p.vm.state is not VmState.RUNNING:
-        raise StateError(f"VM {name!r} is {p.vm.state}, not running")
     if p.source.name == to:
         raise UsageError(f"VM {name!r} already runs on {to}")
     if not p.source.up:
@@ -150,10 +147,10 @@ def migrate_live(name: str, to: str, *, transport: str = "tcp",
         report = live.migrate(name, p.source.name, to, src_qmp, dest.qmp_socket, uri, opts,
                               on_progress, rate)
     except BaseException:
-        incoming.discard(driver, name)
+        incoming.discard_record(driver, dest.record)
         raise
     t1 = time.monotonic()
-    incoming.adopt(driver, name)
+    incoming.adopt(driver, dest)
     return LiveResult(report, rate, round(t_dst, 1), round((time.monotonic() - t1) * 1000, 1))
 
 
@@ -163,6 +160,8 @@ def fail_host(host_name: str, lab_name: str | None = None, say: Say = _quiet) ->
     host = lab.host(host_name)
     if not host.up:
         raise HostDownError(f"host {host_name} is down (its agent does not answer)")
+    if host.failed:
+        raise StateError(f"host {host_name} has already failed")
     say(f"{host_name}: freezing its VMs, saving page tables and device state")
     result: dict[str, Any] = host.call("host_fail", timeout=300.0)
     driver = QemuDriver()

@@ -327,7 +327,8 @@ def _read_into(ep: Endpoint, peer: Any, buf: bytearray | mmap.mmap, remote: Remo
     try:
         ep.read_many(peer, [(mr, 0, remote, 0, length)], depth=1)
     finally:
-        ep.deregister(mr)
+        with contextlib.suppress(HvError):  # an abandoned endpoint keeps it
+            ep.deregister(mr)
 
 
 def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
@@ -372,7 +373,7 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
         try:
             todo = [i for i in range(len(runs)) if not done[i]]
             total = sum(runs[i].length for i in todo)
-            batch = 256  # runs per journal checkpoint
+            batch = 32  # runs per journal checkpoint (<= 32 MiB), one pipeline of DEPTH
             moved = 0
             for a in range(0, len(todo), batch):
                 chunk = todo[a:a + batch]
@@ -399,7 +400,8 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
                 done[chunk] = True
                 _save_journal(files, table, done, target)
         finally:
-            ep.deregister(mr)
+            with contextlib.suppress(HvError):  # an abandoned endpoint keeps it
+                ep.deregister(mr)
     finally:
         with contextlib.suppress(BufferError):
             m.close()

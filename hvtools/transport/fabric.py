@@ -266,6 +266,15 @@ class FabricEndpoint(Endpoint):
         self._lib.hvt_close(self._h)
         self._h = self._ffi.NULL
 
+    def _abandon(self) -> None:
+        """After a timeout with ops in flight: stop using the endpoint, but leave it (and every
+        registration) in place. A READ still in flight may land later, and tearing down an
+        endpoint with ops outstanding can crash inside libfabric 1.17's tcp provider. The
+        owner should exit soon; hvtools.migration.puller runs each pull in its own process.
+        """
+        self.stop_progress()
+        self._closed = True
+
     def _check_open(self) -> None:
         if self._closed:
             raise StateError(f"transport endpoint {self.address} is closed")
