@@ -34,6 +34,8 @@ test-fast: venv
 bench: image
 	$(PY) bench/boot_time.py
 	$(PY) bench/batch_translate.py
+	$(PY) bench/transport.py
+	$(PY) bench/recovery.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -25,10 +25,8 @@ from hvtools.control.qemu_driver import QemuDriver, host_ram_path
 from hvtools.errors import (
     HostDownError,
     HvError,
-    MigrationError,
     MigrationRefused,
     StateError,
-    UnknownVmError,
     UsageError,
 )
 from hvtools.lab.hosts import HostHandle, Lab, load_lab
@@ -313,11 +311,3 @@ def abort_recovery(name: str, to: str, lab_name: str | None = None) -> dict[str,
     out: dict[str, Any] = lab.host(to).call("recovery_abort", vm=name)
     return out
 
-
-def vm_or_error(driver: QemuDriver, name: str) -> VmInfo:
-    try:
-        return driver.info(name)
-    except UnknownVmError:
-        raise
-    except HvError as err:
-        raise MigrationError(str(err)) from err

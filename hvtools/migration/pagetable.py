@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -215,7 +215,3 @@ def verify_pages(mem: memoryview, table: PageTable, first: int, last: int) -> li
     got = hash_pages(mem, chunk["offset"])
     return [first + int(i) for i in np.flatnonzero(got != chunk["hash"])]
 
-
-def chunks(n: int, size: int) -> Iterator[tuple[int, int]]:
-    for a in range(0, n, size):
-        yield a, min(a + size, n)

@@ -24,7 +24,6 @@ import errno
 import json
 import mmap
 import os
-import shutil
 import signal
 import threading
 import time
@@ -364,6 +363,11 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
     try:
         if os.fstat(fd).st_size != table.ram_size:
             os.ftruncate(fd, table.ram_size)
+        # Allocate the pages about to arrive in one pass per extent: the provider's copies then
+        # land in memory that exists, instead of faulting it in page by page (on tmpfs ~4x
+        # faster overall; ARCHITECTURE.md "first touch").
+        for ext in pt.coalesce(table.entries["offset"], max_bytes=1 << 62):
+            os.posix_fallocate(fd, ext.offset, ext.length)
         m = mmap.mmap(fd, table.ram_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
@@ -509,6 +513,3 @@ def restore_vm(qmp: Path, devstate: Path, timeout: float = 60.0) -> float:
             raise MigrationError("loading the device state did not finish")
         time.sleep(0.005)
 
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
