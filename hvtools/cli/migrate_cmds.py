@@ -16,7 +16,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from hvtools.cli.main import _emit_json, err, json_option, out
-from hvtools.errors import UsageError
+from hvtools.migration.live import parse_rate
 
 MiB = 1 << 20
 
@@ -53,22 +53,6 @@ def _bar(title: str, quiet: bool) -> Iterator[Callable[[int, int, str], None]]:
     yield line
 
 
-def _parse_rate(text: str | None) -> int | None:
-    """``--bandwidth``: bytes/s with K/M/G suffixes (binary), e.g. ``500M``."""
-    if text is None:
-        return None
-    t = text.strip().upper().removesuffix("/S").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    try:
-        value = int(float(t[:-1] if t[-1:] in "KMG" else t) * mult)
-    except ValueError:
-        raise UsageError(f"--bandwidth {text!r} is not a rate (e.g. 500M for 500 MiB/s)") \
-            from None
-    if value <= 0:
-        raise UsageError(f"--bandwidth {text!r} must be positive")
-    return value
-
-
 def register(main: click.Group) -> None:
     @main.command("migrate")
     @click.argument("name")
@@ -91,7 +75,7 @@ def register(main: click.Group) -> None:
         from hvtools.migration.orchestrate import migrate_live
 
         opts = live.Options(postcopy=postcopy, max_downtime_ms=max_downtime,
-                            bandwidth=_parse_rate(bandwidth), stall_timeout=stall_timeout)
+                            bandwidth=parse_rate(bandwidth), stall_timeout=stall_timeout)
         with _bar(f"migrating {name} to {to}", as_json) as update:
             def on_progress(p: live.Progress) -> None:
                 dd = f"{p.expected_downtime_ms} ms" if p.expected_downtime_ms is not None \

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from hvtools.errors import MigrationError, QmpError
+from hvtools.errors import MigrationError, QmpError, UsageError
 
 
 class MigrationStatus(StrEnum):
@@ -101,6 +101,22 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def parse_rate(text: str | None) -> int | None:
+    """``--bandwidth``: bytes/s with binary K/M/G suffixes, e.g. ``500M`` (QEMU max-bandwidth)."""
+    if text is None:
+        return None
+    t = text.strip().upper().removesuffix("/S").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if t[-1:] in "KMG" else t) * mult)
+    except ValueError:
+        raise UsageError(f"--bandwidth {text!r} is not a rate (e.g. 500M for 500 MiB/s)") \
+            from None
+    if value <= 0:
+        raise UsageError(f"--bandwidth {text!r} must be positive")
+    return value
 
 
 def _progress(info: dict[str, Any]) -> Progress:
@@ -217,6 +233,13 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
         status = (await src.run("query-status"))["status"]
         if status != "running":
             raise MigrationError(f"VM {vm!r} is {status} on {source}, not running")
+        # QEMU migrates forward only: a destination older than the source may not load it.
+        sv, dv = (await src.run("query-version"))["qemu"], (await dst.run("query-version"))["qemu"]
+        src_ver = (sv["major"], sv["minor"], sv["micro"])
+        dst_ver = (dv["major"], dv["minor"], dv["micro"])
+        if dst_ver < src_ver:
+            raise MigrationError(f"the QEMU on {destination} ({'.'.join(map(str, dst_ver))}) is "
+                                 f"older than the source's ({'.'.join(map(str, src_ver))})")
         avail = {c["capability"] for c in await dst.run("query-migrate-capabilities")}
         # Explicit on both sides: a QEMU restored by recovery still has x-ignore-shared on,
         # and a live migration must carry RAM.
