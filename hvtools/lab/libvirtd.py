@@ -11,6 +11,11 @@ leave it), where the host's state dir is bind-mounted over libvirt's fixed paths
     <state_dir>/var/log/libvirt  -> /var/log/libvirt
     <state_dir>/run/libvirt      -> /run/libvirt      sockets and both pid files
 
+and the host's qemu.conf sets ``memory_backing_dir`` to the host's memory dir: its domains'
+file-backed RAM lives in the host's memory (tmpfs), like the qemu driver's RAM files, instead of
+under the private /var/lib/libvirt on disk (qemu.conf, "memory_backing_dir"; libvirt 9.0 names
+the file ``<dir>/libvirt/qemu/<id>-<domain>/pc.ram``).
+
 So the daemon's socket is ``<state_dir>/run/libvirt/libvirt-sock`` from anywhere, and
 :attr:`hvtools.lab.hosts.HostHandle.libvirt_uri` points a client at it. Distinct hosts get
 distinct ``host_uuid`` values (libvirtd.conf), as real machines have. Started without systemd,
@@ -57,9 +62,10 @@ def _pidfiles(state_dir: Path) -> dict[str, Path]:
     return {"libvirtd": run / "libvirtd.pid", "virtlogd": run / "virtlogd.pid"}
 
 
-def _prepare(state_dir: Path, host_uuid: str) -> None:
+def _prepare(state_dir: Path, host_uuid: str, memory_dir: Path) -> None:
     """Lay out the private libvirt tree. /etc/libvirt is the machine's, minus autostarted
-    networks (a lab host has no libvirt network), with this host's UUID."""
+    networks (a lab host has no libvirt network), with this host's UUID and RAM in the host's
+    memory dir."""
     etc = _under(state_dir, "/etc/libvirt")
     if etc.exists():
         shutil.rmtree(etc)
@@ -69,6 +75,10 @@ def _prepare(state_dir: Path, host_uuid: str) -> None:
         shutil.rmtree(autostart)
     conf = etc / "libvirtd.conf"
     conf.write_text(conf.read_text() + f'\n# hvtools lab host\nhost_uuid = "{host_uuid}"\n')
+    memory_dir.mkdir(parents=True, exist_ok=True)
+    qemu_conf = etc / "qemu.conf"
+    qemu_conf.write_text(qemu_conf.read_text()
+                         + f'\n# hvtools lab host\nmemory_backing_dir = "{memory_dir}"\n')
     for path in _BINDS[1:]:
         _under(state_dir, path).mkdir(parents=True, exist_ok=True)
     caps = Path("/var/cache/libvirt/qemu/capabilities")
@@ -100,7 +110,7 @@ def start_host_libvirt(host: HostHandle, *, progress: Progress = _quiet,
     marker = sd / _MARKER
     host_uuid = marker.read_text().strip() if marker.exists() else str(uuid.uuid4())
     stop_host_libvirt(host.lab, host.name)  # a dead instance's pid files and sockets
-    _prepare(sd, host_uuid)
+    _prepare(sd, host_uuid, host.memory_dir)
     progress(f"{host.name}: starting virtlogd and libvirtd (host UUID {host_uuid})")
     with open(_under(sd, "/var/log/libvirt") / "start.log", "ab") as logf:
         proc = host.popen(["/usr/bin/unshare", "--mount", "--propagation", "slave",
