@@ -1,9 +1,17 @@
-"""The libvirt driver: hvtools VMs as persistent libvirt domains (``qemu:///system``).
+"""The libvirt driver: hvtools VMs as persistent libvirt domains.
+
+A domain lives in the machine's ``qemu:///system``, or, once started with ``vm start NAME
+--host H``, in lab host H's own libvirtd (:mod:`hvtools.lab.libvirtd`, ``H.libvirt_uri``). The
+second case is recorded in ``$HVTOOLS_HOME/libvirt/<name>/placement.json`` (:class:`Placement`),
+so every later call reaches the daemon that holds the domain; migration
+(:mod:`hvtools.migration.libvirt_live`) rewrites it when the domain moves.
 
 libvirt owns the QEMU process, its monitor and its logs; hvtools keeps only what the guest needs
-on the host side in ``$HVTOOLS_HOME/libvirt/<name>/`` (the agent socket and the console log,
-both named in the domain XML). The VmSpec lives in the domain's ``<metadata>``, so
-``virsh dumpxml`` shows everything and a domain without that element is not hvtools'.
+on the host side (the agent socket and the console log, both named in the domain XML): in
+``$HVTOOLS_HOME/libvirt/<name>/`` for ``qemu:///system``, in ``<host state dir>/vms/<name>/`` on
+a lab host, so that two hosts sharing this machine's filesystem never bind the same socket. The
+VmSpec lives in the domain's ``<metadata>``, so ``virsh dumpxml`` shows everything and a domain
+without that element is not hvtools'.
 
 State comes from libvirt's ``virDomainGetState`` (state, reason), never from files:
 
@@ -30,8 +38,10 @@ import json
 import shlex
 import shutil
 import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 import libvirt_qemu
@@ -40,6 +50,7 @@ from hvtools import paths
 from hvtools.control.accel import resolve_accel
 from hvtools.control.driver import (
     Driver,
+    LaunchOptions,
     Progress,
     VmInfo,
     VmState,
@@ -49,6 +60,8 @@ from hvtools.control.driver import (
     tail_lines,
 )
 from hvtools.errors import (
+    HostDownError,
+    HvError,
     NameInUseError,
     QmpError,
     StateError,
@@ -65,7 +78,10 @@ from hvtools.libvirt.domxml import (
     spec_from_metadata,
 )
 from hvtools.qemu.binary import find_qemu
-from hvtools.spec import Accel, LaunchPlan, VmSpec
+from hvtools.spec import AGENT_PORT, Accel, LaunchPlan, VmSpec
+
+if TYPE_CHECKING:
+    from hvtools.lab.hosts import HostHandle
 
 #: Where libvirt's QEMU driver keeps each domain's log and pid file (qemu.conf defaults).
 QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
@@ -76,28 +92,96 @@ _INACTIVE_XML = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
 
 
 def state_dir(name: str) -> Path:
-    """hvtools' host-side directory for one libvirt VM."""
+    """hvtools' host-side directory for one libvirt VM (lock, placement record; for a domain in
+    ``qemu:///system`` also its agent socket and console log)."""
     return paths.home() / "libvirt" / name
 
 
-def qemu_log(name: str) -> Path:
-    """libvirt's log of the domain's QEMU: command lines, QEMU's stderr, stop reasons."""
-    return QEMU_LOG_DIR / f"{name}.log"
+_SLASH = Path("/")
 
 
-def log_size(name: str) -> int:
+@dataclass(frozen=True)
+class Placement:
+    """Which libvirtd holds a VM's domain: ``qemu:///system`` (``host`` None) or the daemon of
+    lab host ``lab/host``. ``root`` is where that daemon's ``/run/libvirt`` and
+    ``/var/log/libvirt`` are seen from here (its private trees are bind mounts of the host's
+    state dir, :mod:`hvtools.lab.libvirtd`)."""
+
+    uri: str
+    root: Path = _SLASH
+    lab: str | None = None
+    host: str | None = None
+
+    @classmethod
+    def of_host(cls, host: HostHandle) -> Placement:
+        return cls(uri=host.libvirt_uri, root=host.state_dir, lab=host.lab, host=host.name)
+
+    def files_dir(self, name: str) -> Path:
+        """Where the VM's agent socket and console log live for a run under this daemon."""
+        return state_dir(name) if self.host is None else self.root / "vms" / name
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"uri": self.uri, "root": str(self.root), "lab": self.lab, "host": self.host}
+
+
+def _placement_file(name: str) -> Path:
+    return state_dir(name) / "placement.json"
+
+
+def _recorded_placement(name: str) -> Placement | None:
+    """The lab host recorded for VM ``name``, or None (its domain is in ``qemu:///system``)."""
+    try:
+        data = json.loads(_placement_file(name).read_text())
+        return Placement(uri=str(data["uri"]), root=Path(data["root"]), lab=str(data["lab"]),
+                         host=str(data["host"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _lab_is_up(lab: str | None) -> bool:
+    from hvtools.lab.hosts import read_record
+
+    return lab is not None and read_record(lab) is not None
+
+
+def relocate_xml(xml: str, files_dir: Path) -> str:
+    """The domain XML with the agent socket and the console log moved into ``files_dir``: the
+    only host-side paths of an hvtools domain (formatdomain, "Channel" and "Consoles, serial,
+    parallel & channel devices"). Its RAM file follows the daemon's ``memory_backing_dir``."""
+    check_socket_path(files_dir / "agent.sock")
+    root = ET.fromstring(xml)
+    for channel in root.iterfind("devices/channel"):
+        target, source = channel.find("target"), channel.find("source")
+        if target is not None and target.get("name") == AGENT_PORT and source is not None:
+            source.set("path", str(files_dir / "agent.sock"))
+    for tag in ("serial", "console"):
+        for dev in root.iterfind(f"devices/{tag}"):
+            source = dev.find("source")
+            if dev.get("type") == "file" and source is not None:
+                source.set("path", str(files_dir / "console.log"))
+    return ET.tostring(root, encoding="unicode")
+
+
+def qemu_log(name: str, root: Path = _SLASH) -> Path:
+    """libvirt's log of the domain's QEMU: command lines, QEMU's stderr, stop reasons.
+    ``root``: :attr:`Placement.root` of the daemon that runs it."""
+    return root / QEMU_LOG_DIR.relative_to("/") / f"{name}.log"
+
+
+def log_size(name: str, root: Path = _SLASH) -> int:
     """The QEMU log's current size: pass it as ``since`` to read one start's lines only."""
     try:
-        return qemu_log(name).stat().st_size
+        return qemu_log(name, root).stat().st_size
     except OSError:
         return 0
 
 
-def _last_run(name: str, since: int = 0) -> tuple[list[str], list[str]]:
+def _last_run(name: str, since: int = 0,
+              root: Path = _SLASH) -> tuple[list[str], list[str]]:
     """The domain's last start in its QEMU log, from byte ``since`` on: the command-line block
     libvirt logs after its "starting up" banner, and the lines that follow it."""
     try:
-        with qemu_log(name).open("rb") as fh:
+        with qemu_log(name, root).open("rb") as fh:
             size = fh.seek(0, 2)
             fh.seek(max(since, size - 65536))
             text = fh.read().decode("utf-8", "replace")
@@ -117,16 +201,16 @@ def _last_run(name: str, since: int = 0) -> tuple[list[str], list[str]]:
     return command, [ln for ln in rest if ln.strip()]
 
 
-def log_tail(name: str, lines: int = 10, *, since: int = 0) -> list[str]:
+def log_tail(name: str, lines: int = 10, *, since: int = 0, root: Path = _SLASH) -> list[str]:
     """The last lines libvirt and QEMU logged for the domain's last start (without its
     command line): QEMU's stderr, "shutting down, reason=..."."""
-    return _last_run(name, since)[1][-lines:]
+    return _last_run(name, since, root)[1][-lines:]
 
 
-def logged_command(name: str, *, since: int = 0) -> list[str]:
+def logged_command(name: str, *, since: int = 0, root: Path = _SLASH) -> list[str]:
     """The QEMU argv libvirt logged for the domain's last start, without the environment."""
     try:
-        words = shlex.split(" ".join(_last_run(name, since)[0]))
+        words = shlex.split(" ".join(_last_run(name, since, root)[0]))
     except ValueError:
         return []
     while words and "=" in words[0] and not words[0].startswith("/"):
@@ -143,11 +227,16 @@ class LibvirtDriver(Driver):
         self.uri = uri
         self._progress = progress
         self._conn: libvirt.virConnect | None = None
+        #: Connections to lab hosts' daemons, by URI.
+        self._hosts: dict[str, libvirt.virConnect] = {}
+        #: VMs the last list() could not read (their host's daemon did not answer), with why.
+        self.damaged: dict[str, str] = {}
 
-    # -- connection ---------------------------------------------------------------------------
+    # -- connections --------------------------------------------------------------------------
     @property
     def conn(self) -> libvirt.virConnect:
-        """The connection, opened (and libvirtd started) on first use, reopened if it died."""
+        """The connection to ``self.uri``, opened (and libvirtd started) on first use, reopened
+        if it died."""
         if self._conn is not None:
             with contextlib.suppress(libvirt.libvirtError):
                 if self._conn.isAlive():
@@ -158,23 +247,86 @@ class LibvirtDriver(Driver):
         return self._conn
 
     def close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(libvirt.libvirtError):
-                self._conn.close()
-            self._conn = None
+        for c in [self._conn, *self._hosts.values()]:
+            if c is not None:
+                with contextlib.suppress(libvirt.libvirtError):
+                    c.close()
+        self._conn = None
+        self._hosts.clear()
 
-    def _domain(self, name: str) -> libvirt.virDomain:
-        """The hvtools domain ``name``; UnknownVmError if absent or not hvtools'."""
+    @property
+    def system(self) -> Placement:
+        return Placement(uri=self.uri)
+
+    def connection(self, where: Placement) -> libvirt.virConnect:
+        """The connection to the daemon ``where`` names. A lab host's daemon is never started
+        here (``lab up`` does that): HostDownError when it does not answer."""
+        if where.host is None:
+            return self.conn
+        c = self._hosts.get(where.uri)
+        if c is not None:
+            with contextlib.suppress(libvirt.libvirtError):
+                if c.isAlive():
+                    return c
+            with contextlib.suppress(libvirt.libvirtError):
+                c.close()
         try:
-            dom = self.conn.lookupByName(name)
+            c = connect(where.uri, timeout=15.0)
+        except HvError as err:
+            raise HostDownError(f"host {where.host} of lab {where.lab!r}: its libvirtd does not "
+                                f"answer ({err})") from err
+        self._hosts[where.uri] = c
+        return c
+
+    # -- placement ----------------------------------------------------------------------------
+    def placement(self, name: str) -> Placement:
+        """The daemon that holds VM ``name``'s domain (it need not exist there: see
+        :meth:`_locate`). A record naming a lab that is down is stale: the domain went down
+        with the host's daemon (``lab down`` removes its tree), so the VM is unknown."""
+        rec = _recorded_placement(name)
+        if rec is None:
+            return self.system
+        if not _lab_is_up(rec.lab):
+            raise UnknownVmError(f"no VM named {name!r}: its domain was on host {rec.host} of "
+                                 f"lab {rec.lab!r}, which is down")
+        return rec
+
+    def record_placement(self, name: str, where: Placement) -> None:
+        """Note that VM ``name``'s domain now lives in ``where``'s daemon (written atomically;
+        ``qemu:///system`` is the absence of a record)."""
+        path = _placement_file(name)
+        if where.host is None:
+            path.unlink(missing_ok=True)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(where.to_json()) + "\n")
+        tmp.replace(path)
+
+    def _forget_stale(self, name: str) -> None:
+        """Drop the record (and hvtools' dir) of a VM whose lab went down with its domain."""
+        rec = _recorded_placement(name)
+        if rec is not None and not _lab_is_up(rec.lab):
+            shutil.rmtree(state_dir(name), ignore_errors=True)
+
+    def _locate(self, name: str) -> tuple[libvirt.virDomain, Placement]:
+        """The hvtools domain ``name`` and where it lives; UnknownVmError if absent or not
+        hvtools'."""
+        where = self.placement(name)
+        try:
+            dom = self.connection(where).lookupByName(name)
         except libvirt.libvirtError as err:
             if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise UnknownVmError(f"no VM named {name!r} (hvtools vm list)") from None
+                on = f" on host {where.host}" if where.host else ""
+                raise UnknownVmError(f"no VM named {name!r}{on} (hvtools vm list)") from None
             raise libvirt_error(err, f"looking up domain {name!r}") from err
         if self._spec(dom) is None:
             raise UnknownVmError(f"libvirt domain {name!r} is not an hvtools VM "
                                  "(it has no hvtools metadata)")
-        return dom
+        return dom, where
+
+    def _domain(self, name: str) -> libvirt.virDomain:
+        return self._locate(name)[0]
 
     @staticmethod
     def _spec(dom: libvirt.virDomain) -> VmSpec | None:
@@ -189,25 +341,31 @@ class LibvirtDriver(Driver):
         return spec_from_metadata(element)
 
     @staticmethod
-    def _plan(spec: VmSpec, accel: Accel, kernel: Path, initrd: Path) -> LaunchPlan:
-        d = state_dir(spec.name)
+    def _plan(spec: VmSpec, accel: Accel, kernel: Path, initrd: Path,
+              where: Placement) -> LaunchPlan:
+        d = where.files_dir(spec.name)
         agent = d / "agent.sock"
         check_socket_path(agent)
-        # ram_path is informational: libvirt names the file itself under memory_backing_dir.
+        # ram_path is informational: libvirt names the file itself under memory_backing_dir
+        # (a lab host's daemon has it in the host's memory dir, hvtools.lab.libvirtd).
+        backing = (MEMORY_BACKING_DIR if where.host is None
+                   else where.root / MEMORY_BACKING_DIR.relative_to("/"))
         return LaunchPlan(accel=accel, kernel=kernel, initrd=initrd,
-                          ram_path=MEMORY_BACKING_DIR / spec.name, agent_socket=agent,
+                          ram_path=backing / spec.name, agent_socket=agent,
                           console_log=d / "console.log")
 
     # -- Driver primitives --------------------------------------------------------------------
     def create(self, spec: VmSpec) -> VmInfo:
-        """``virDomainDefineXML`` a persistent domain. The accelerator and the image are
-        placeholders until :meth:`_launch` resolves them and redefines it."""
+        """``virDomainDefineXML`` a persistent domain in ``qemu:///system`` (``vm start --host``
+        moves it to the host's daemon). The accelerator and the image are placeholders until
+        :meth:`_launch` resolves them and redefines it."""
         accel = Accel.TCG
         kernel = Path(spec.kernel) if spec.kernel else paths.images_dir() / "current" / "vmlinuz"
         initrd = (Path(spec.initrd) if spec.initrd
                   else paths.images_dir() / "current" / "initrd.img")
-        plan = self._plan(spec, accel, kernel, initrd)
-        if spec.name in self._domain_names():
+        plan = self._plan(spec, accel, kernel, initrd, self.system)
+        self._forget_stale(spec.name)
+        if spec.name in self._domain_names() or _recorded_placement(spec.name) is not None:
             raise NameInUseError(f"a VM (libvirt domain) named {spec.name!r} already exists")
         try:
             self.conn.defineXMLFlags(render_domain_xml(spec, plan),
@@ -227,8 +385,8 @@ class LibvirtDriver(Driver):
             raise libvirt_error(err, "listing domains") from err
 
     def undefine(self, name: str) -> None:
-        dom = self._domain(name)
-        vm = self._info(dom)
+        dom, where = self._locate(name)
+        vm = self._info(dom, where)
         if vm.state.active:
             raise UsageError(f"VM {name!r} is {vm.state}: stop it first")
         try:
@@ -239,23 +397,45 @@ class LibvirtDriver(Driver):
         self._remove_ivshmem(state_dir(name))
         if vm.state_dir is not None and vm.state_dir.name == name:
             shutil.rmtree(vm.state_dir, ignore_errors=True)
+        shutil.rmtree(state_dir(name), ignore_errors=True)
 
     def info(self, name: str) -> VmInfo:
-        return self._info(self._domain(name))
+        return self._info(*self._locate(name))
+
+    def _placed(self) -> dict[str, Placement]:
+        """VMs recorded on a lab host whose lab is up."""
+        root = paths.home() / "libvirt"
+        out = {}
+        for f in sorted(root.glob("*/placement.json")) if root.is_dir() else []:
+            rec = _recorded_placement(f.parent.name)
+            if rec is not None and _lab_is_up(rec.lab):
+                out[f.parent.name] = rec
+        return out
 
     def list(self) -> list[VmInfo]:
+        self.damaged = {}
         try:
             domains = self.conn.listAllDomains(0)
         except libvirt.libvirtError as err:
             raise libvirt_error(err, "listing domains") from err
+        placed = self._placed()
         out = []
-        for dom in sorted(domains, key=lambda d: d.name()):
+        for dom in domains:
+            if dom.name() in placed:
+                continue  # a copy left behind by an interrupted move; the record wins
             with contextlib.suppress(UnknownVmError):  # undefined while we looked
                 if self._spec(dom) is not None:
-                    out.append(self._info(dom))
-        return out
+                    out.append(self._info(dom, self.system))
+        for name in placed:
+            try:
+                out.append(self.info(name))
+            except UnknownVmError:
+                continue  # migrated or undefined while we looked
+            except HvError as err:
+                self.damaged[name] = str(err)
+        return sorted(out, key=lambda v: v.name)
 
-    def _info(self, dom: libvirt.virDomain) -> VmInfo:
+    def _info(self, dom: libvirt.virDomain, where: Placement) -> VmInfo:
         name = dom.name()
         try:
             spec = self._spec(dom)
@@ -267,23 +447,26 @@ class LibvirtDriver(Driver):
             raise libvirt_error(err, f"reading domain {name!r}") from err
         if spec is None:
             raise UnknownVmError(f"libvirt domain {name!r} is not an hvtools VM")
-        where = domain_paths(xml)
+        paths_ = domain_paths(xml)
         common: dict[str, Any] = {
             "name": name, "driver": self.name, "spec": spec,
-            "state_dir": where.agent_socket.parent if where.agent_socket else state_dir(name),
-            "console_log": where.console_log, "agent_socket": where.agent_socket,
+            "state_dir": (paths_.agent_socket.parent if paths_.agent_socket
+                          else where.files_dir(name)),
+            "console_log": paths_.console_log, "agent_socket": paths_.agent_socket,
+            "host": where.host, "lab": where.lab,
         }
         if state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED,
                      libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED,
                      libvirt.VIR_DOMAIN_SHUTDOWN):
             paused = state in (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PMSUSPENDED)
             return VmInfo(state=VmState.PAUSED if paused else VmState.RUNNING,
-                          pid=self._qemu_pid(name), accel=str(domain_accel(xml)), **common)
-        crash = self._crash_detail(state, reason, where.console_log)
+                          pid=self._qemu_pid(name, where.root), accel=str(domain_accel(xml)),
+                          **common)
+        crash = self._crash_detail(state, reason, paths_.console_log)
         if crash is not None:
-            tail = log_tail(name)
-            if crash.startswith("guest kernel") and where.console_log is not None:
-                console = tail_lines(where.console_log, 200)
+            tail = log_tail(name, root=where.root)
+            if crash.startswith("guest kernel") and paths_.console_log is not None:
+                console = tail_lines(paths_.console_log, 200)
                 panic = [ln for ln in console if "Kernel panic" in ln]
                 tail += panic[-1:] + console[-2:]
             return VmInfo(state=VmState.CRASHED, detail=crash, log_tail=tuple(tail or [crash]),
@@ -311,10 +494,10 @@ class LibvirtDriver(Driver):
         return None
 
     @staticmethod
-    def _qemu_pid(name: str) -> int | None:
+    def _qemu_pid(name: str, root: Path = _SLASH) -> int | None:
         """The domain's QEMU pid from libvirt's pid file, checked against /proc."""
         try:
-            pid = int((QEMU_RUN_DIR / f"{name}.pid").read_text().strip())
+            pid = int((root / QEMU_RUN_DIR.relative_to("/") / f"{name}.pid").read_text().strip())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
@@ -326,7 +509,7 @@ class LibvirtDriver(Driver):
         On failure no QEMU and no agent socket remain; the domain stays defined.
         """
         with locked(state_dir(name) / "lock"):
-            dom = self._domain(name)
+            dom, where = self._locate(name)
             spec = self._spec(dom)
             assert spec is not None
             if dom.isActive():
@@ -334,17 +517,19 @@ class LibvirtDriver(Driver):
             qemu = find_qemu()
             accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
             kernel, initrd = preflight(spec)
-            plan = self._plan(spec, accel, kernel, initrd)
+            plan = self._plan(spec, accel, kernel, initrd, where)
             plan.agent_socket.parent.mkdir(parents=True, exist_ok=True)
             plan.agent_socket.unlink(missing_ok=True)
             self._claim_ivshmem(spec, state_dir(name))
             xml = render_domain_xml(spec, plan, emulator=str(qemu.path), uuid=dom.UUIDString())
             try:
-                dom = self.conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+                dom = dom.connect().defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
             except libvirt.libvirtError as err:
                 raise libvirt_error(err, f"redefining domain {name!r} for launch") from err
-            progress(f"{name}: starting libvirt domain on QEMU {qemu.version_str} ({accel})")
-            since = log_size(name)
+            on = f" on {where.host}" if where.host else ""
+            progress(f"{name}: starting libvirt domain on QEMU {qemu.version_str} ({accel}){on}")
+            root = where.root
+            since = log_size(name, root)
             try:
                 dom.create()
             except libvirt.libvirtError as err:
@@ -354,12 +539,70 @@ class LibvirtDriver(Driver):
                 self._cleanup(dom, plan.agent_socket)
                 raise VmLaunchFailure(
                     f"libvirt could not start VM {name!r}: {err.get_error_message() or err}",
-                    command=logged_command(name, since=since),
-                    log_tail=log_tail(name, since=since)) from err
+                    command=logged_command(name, since=since, root=root),
+                    log_tail=log_tail(name, since=since, root=root)) from err
             except BaseException:
                 self._cleanup(dom, plan.agent_socket)
                 raise
-            return self._info(dom)
+            return self._info(dom, where)
+
+    def _launch_with(self, name: str, progress: Progress, options: LaunchOptions) -> VmInfo:
+        """``--host H``: move the (inactive) domain into H's own libvirtd first, then start it
+        there. Without it the domain starts in the daemon that holds it."""
+        if options.extra_args or options.keep_ram:
+            raise UsageError("the libvirt driver cannot add QEMU arguments or launch on a kept "
+                             "RAM file (use --driver qemu)")
+        if options.host is not None:
+            from hvtools.lab.hosts import load_lab, resolve_host
+
+            host = resolve_host(options.host)  # unknown host / lab down: nothing changed
+            if not load_lab(host.lab).spec.libvirt:
+                raise UsageError(f"lab {host.lab!r} runs no libvirtd on its hosts: build it "
+                                 "with `libvirt = true` in its spec (hvtools lab up SPEC)")
+            self.move(name, Placement.of_host(host), progress=progress)
+        return self._launch(name, progress)
+
+    def move(self, name: str, target: Placement, *, progress: Progress = lambda _m: None,
+             ) -> None:
+        """Move VM ``name``'s inactive definition into ``target``'s daemon (same UUID, its
+        host-side paths in ``target``'s files dir). On failure the definition stays where it
+        was."""
+        with locked(state_dir(name) / "lock"):
+            dom, where = self._locate(name)
+            if where == target:
+                return
+            if dom.isActive():
+                raise StateError(f"VM {name!r} runs on {where.host or 'this machine'}: stop it "
+                                 "before starting it elsewhere (or migrate it)")
+            dest = self.connection(target)
+            try:
+                dest.lookupByName(name)
+                raise NameInUseError(f"host {target.host}'s libvirtd already has a domain "
+                                     f"named {name!r}")
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise libvirt_error(err, f"looking up {name!r} on {target.host}") from err
+            files = target.files_dir(name)
+            try:
+                xml = relocate_xml(dom.XMLDesc(_INACTIVE_XML), files)
+                moved = dest.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+            except libvirt.libvirtError as err:
+                raise libvirt_error(err, f"defining {name!r} on {target.host}") from err
+            progress(f"{name}: defined on {target.host or target.uri}")
+            try:
+                self.record_placement(name, target)
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            except BaseException as err:
+                with contextlib.suppress(libvirt.libvirtError):
+                    moved.undefine()
+                self.record_placement(name, where)
+                if isinstance(err, libvirt.libvirtError):
+                    raise libvirt_error(err, f"undefining {name!r} where it was") from err
+                raise
+            files.mkdir(parents=True, exist_ok=True)
+            if where.host is not None:
+                shutil.rmtree(where.files_dir(name), ignore_errors=True)
 
     @staticmethod
     def _cleanup(dom: libvirt.virDomain, agent_socket: Path | None) -> None:
@@ -372,15 +615,15 @@ class LibvirtDriver(Driver):
 
     def _process_alive(self, name: str) -> bool:
         try:
-            return bool(self.conn.lookupByName(name).isActive())
-        except libvirt.libvirtError:
+            return bool(self._domain(name).isActive())
+        except (libvirt.libvirtError, HvError):
             return False
 
     def _force_off(self, name: str) -> None:
         """``virDomainDestroy`` (SIGTERM, then SIGKILL) and remove the agent socket; for a
         crashed domain, redefine it so libvirt forgets the crash."""
-        dom = self._domain(name)
-        vm = self._info(dom)
+        dom, where = self._locate(name)
+        vm = self._info(dom, where)
         self._cleanup(dom, vm.agent_socket)
         if vm.state is VmState.CRASHED:
             self._reset_state(dom)
@@ -393,7 +636,7 @@ class LibvirtDriver(Driver):
             xml = dom.XMLDesc(_INACTIVE_XML)
             dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
                               | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-            self.conn.defineXML(xml)
+            dom.connect().defineXML(xml)
         except libvirt.libvirtError as err:
             raise libvirt_error(err, f"clearing the crashed state of {name!r}") from err
 
