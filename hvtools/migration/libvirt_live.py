@@ -41,12 +41,14 @@ from hvtools.control.driver import VmState
 from hvtools.control.libvirt_driver import LibvirtDriver, Placement, relocate_xml
 from hvtools.errors import (
     HostDownError,
+    HvError,
     MigrationError,
     MigrationRefused,
     StateError,
     UsageError,
 )
 from hvtools.lab.hosts import load_lab
+from hvtools.libvirt.daemon import connect
 from hvtools.migration import live
 from hvtools.migration.orchestrate import MIGRATION_PORT, LiveResult
 from hvtools.migration.orchestrate import _check_capacity as check_capacity
@@ -214,9 +216,17 @@ def migrate_libvirt(name: str, to: str, *, opts: live.Options,
     flags = _FLAGS | (libvirt.VIR_MIGRATE_POSTCOPY if opts.postcopy else 0)
     files.mkdir(parents=True, exist_ok=True)
     say(f"migrating {name}: {where.host} -> {to} over {uri} (libvirt managed migration)")
+    # The job is watched (and aborted) over a connection of its own: a call queued behind
+    # virDomainMigrate3 on the same client connection was seen to wait forever once the link
+    # was cut, so the watchdog could never fire.
     try:
-        report, t_dest, t_switch = _run(dom, dst, params, flags, opts, on_progress, rate,
-                                        name, where.host, to, uri)
+        watch = connect(where.uri, timeout=15.0)
+    except HvError as err:
+        shutil.rmtree(files, ignore_errors=True)
+        raise HostDownError(f"{where.host}'s libvirtd does not answer: {err}") from err
+    try:
+        report, t_dest, t_switch = _run(dom, watch.lookupByName(name), dst, params, flags,
+                                        opts, on_progress, rate, name, where.host, to, uri)
     except BaseException as err:
         fixed = ""
         with contextlib.suppress(libvirt.libvirtError):
@@ -228,17 +238,22 @@ def migrate_libvirt(name: str, to: str, *, opts: live.Options,
                                  f"{_message(err)}; {name} still runs on {where.host}{extra}"
                                  ) from err
         raise
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            watch.close()
     driver.record_placement(name, target)
     shutil.rmtree(where.files_dir(name), ignore_errors=True)
     return LiveResult(report, rate, t_dest, t_switch)
 
 
-def _run(dom: libvirt.virDomain, dst: libvirt.virConnect, params: dict[str, Any], flags: int,
+def _run(dom: libvirt.virDomain, watched: libvirt.virDomain, dst: libvirt.virConnect,
+         params: dict[str, Any], flags: int,
          opts: live.Options, on_progress: Callable[[live.Progress], None], rate: int,
          name: str, source: str, destination: str, uri: str,
          ) -> tuple[live.Report, float, float]:
-    """``virDomainMigrate3`` in a worker thread; this thread samples the job, runs the stall
-    watchdog and the switch to post-copy. Returns the report, the time until the first byte
+    """``virDomainMigrate3`` of ``dom`` in a worker thread; this thread samples the job through
+    ``watched`` (the same domain on another connection), runs the stall watchdog and the switch
+    to post-copy. Returns the report, the time until the first byte
     moved (libvirt's Begin/Prepare: the destination QEMU starting) and the time from the last
     sample with nothing remaining to the call's return (switch-over, Finish, Confirm)."""
     result: list[libvirt.virDomain] = []
@@ -264,12 +279,12 @@ def _run(dom: libvirt.virDomain, dst: libvirt.virConnect, params: dict[str, Any]
         if not worker.is_alive():
             break
         try:
-            stats = dom.jobStats()
+            stats = watched.jobStats()
         except libvirt.libvirtError:
             continue  # the source domain is going away at the very end
         if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_UNBOUNDED:
             continue
-        status = _status(dom, stats)
+        status = _status(watched, stats)
         p = _progress(stats, status)
         if not statuses or statuses[-1] != status:
             statuses.append(status)
@@ -285,15 +300,15 @@ def _run(dom: libvirt.virDomain, dst: libvirt.virConnect, params: dict[str, Any]
             aborted = (f"no byte moved for {opts.stall_timeout:g}s (link to {destination} "
                        "down?)")
             with contextlib.suppress(libvirt.libvirtError):
-                dom.abortJob()
+                watched.abortJob()
         if now - t0 > opts.timeout and not aborted:
             aborted = f"it did not finish within {opts.timeout:g}s"
             with contextlib.suppress(libvirt.libvirtError):
-                dom.abortJob()
+                watched.abortJob()
         if (opts.postcopy and not switched and p.total
                 and now - (first_byte or now) >= opts.postcopy_after_s):
             try:
-                dom.migrateStartPostCopy(0)
+                watched.migrateStartPostCopy(0)
                 switched = True
             except libvirt.libvirtError:
                 pass  # not yet in a phase that allows it; try again next sample
