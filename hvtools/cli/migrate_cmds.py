@@ -125,9 +125,10 @@ def register(main: click.Group) -> None:
             _emit_json(res)
             return
         for m in res.get("frozen", []):
-            out.print(f"froze {m['vm']}: {m['pages']} populated pages "
-                      f"({_mib(m['populated_bytes'])}), device state {m['dev_len']} bytes, "
-                      f"page table {m['table_len']} bytes, in {m['total_ms']} ms")
+            out.print(f"froze {m['vm']}: {m['pages']} pages with data "
+                      f"({_mib(m['populated_bytes'])}) of {m['populated_pages']} populated, "
+                      f"device state {m['dev_len']} bytes, page table {m['table_len']} bytes, "
+                      f"in {m['total_ms']} ms")
         for e in res.get("errors", []):
             err.print(f"[red]could not freeze[/red] {e}")
         if not res.get("frozen") and not res.get("errors"):
