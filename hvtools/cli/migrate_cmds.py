@@ -95,8 +95,10 @@ def register(main: click.Group) -> None:
         t = Table(title=f"{name}: {r.source} → {r.destination} ({r.uri})", show_header=False)
         t.add_row("status", r.status)
         t.add_row("total time", f"{r.total_time_ms} ms")
-        t.add_row("downtime (QEMU query-migrate)", f"{r.qemu_downtime_ms} ms")
-        t.add_row("downtime (STOP→RESUME events)",
+        t.add_row("downtime (QEMU query-migrate)",
+                  f"{r.qemu_downtime_ms} ms" if r.qemu_downtime_ms is not None else "-")
+        t.add_row("downtime (STOP→RESUME events)" if "://" not in r.uri
+                  else "downtime (libvirt: source stop → destination resume)",
                   f"{r.measured_downtime_ms} ms" if r.measured_downtime_ms is not None else "-")
         t.add_row("transferred", _mib(r.transferred_bytes))
         t.add_row("guest RAM", _mib(r.ram_total_bytes))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from hvtools.control.driver import VmInfo, VmState
+from hvtools.control.drivers import find_driver
 from hvtools.control.qemu_driver import QemuDriver, host_ram_path
 from hvtools.errors import (
     HostDownError,
@@ -109,8 +110,14 @@ def migrate_live(name: str, to: str, *, transport: str = "tcp",
                  opts: live.Options | None = None,
                  on_progress: Callable[[live.Progress], None] = lambda _p: None,
                  say: Say = _quiet, driver: QemuDriver | None = None) -> LiveResult:
-    driver = driver or QemuDriver()
     opts = opts or live.Options()
+    if driver is None and find_driver(name).name == "libvirt":
+        # libvirt's own migration API between the two hosts' daemons.
+        from hvtools.migration.libvirt_live import migrate_libvirt
+
+        return migrate_libvirt(name, to, opts=opts, on_progress=on_progress, say=say,
+                               transport=transport)
+    driver = driver or QemuDriver()
     state = driver.info(name).state
     if state is not VmState.RUNNING:
         raise StateError(f"VM {name!r} is {state}, not running")
