@@ -361,6 +361,10 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
                              f"{table.ram_size}")
     fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        if not done.any():
+            # Nothing to resume: start from zeros. Pages the table leaves out are zero on the
+            # source, so no stale byte of an older pull may survive in them.
+            os.ftruncate(fd, 0)
         if os.fstat(fd).st_size != table.ram_size:
             os.ftruncate(fd, table.ram_size)
         # Allocate the pages about to arrive in one pass per extent: the provider's copies then
