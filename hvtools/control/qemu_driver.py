@@ -332,11 +332,11 @@ class QemuDriver(Driver):
             except VmLaunchFailure as err:
                 err.command = argv
                 self._kill_processes(d)
-                self._clean_runtime(d, name)
+                self._clean_runtime(d, name, keep_ram=options.keep_ram)
                 raise
             except BaseException:
                 self._kill_processes(d)
-                self._clean_runtime(d, name)
+                self._clean_runtime(d, name, keep_ram=options.keep_ram)
                 raise
         return self.info(name)
 

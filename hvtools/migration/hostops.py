@@ -11,6 +11,10 @@ Methods (params → result):
   ``recovery_release`` {vm, delete}      deregister (and free) a frozen VM
   ``recovery_pull`` {vm, source, ram_path?}  pull ``vm`` from the agent at ``source`` (an
                                          address), into ``ram_path`` (in this host's memory)
+  ``recovery_prepare`` {vm, ram_path, created_ns}  resume a partial pull of that freeze, or
+                                         clear the way (before the destination QEMU starts)
+  ``recovery_park`` / ``recovery_finish`` {vm, ram_path}  after a failed / finished recovery
+  ``frozen_list`` {}, ``capacity`` {}     frozen VMs here; bytes free for VM RAM here
   ``recovery_progress`` {vm}             bytes done/total of a pull in progress
   ``recovery_abort`` {vm}                throw away a partial pull
   ``fabric_info`` {}                     the endpoint's address and provider
@@ -109,11 +113,16 @@ class HostOps:
             try:
                 meta = recovery.freeze_vm(vm.name, vm.state_dir / "qmp.sock", vm.pid,
                                           ram_path(vm.name), self.agent.memory_dir, log.info)
-                self.exports().export(vm.name)
-                frozen.append(meta)
-            except HvError as err:
+            except (HvError, OSError) as err:
                 errors.append(f"{vm.name}: {err}")
                 log.error("freezing %s failed: %s", vm.name, err)
+                continue
+            frozen.append(meta)  # frozen and killed: it counts, whatever happens next
+            try:
+                self.exports().export(vm.name)  # recovery_exports retries this on demand
+            except (HvError, OSError) as err:
+                meta["export_error"] = str(err)
+                log.error("exporting %s failed: %s", vm.name, err)
         if errors and not frozen:
             # Nothing froze (each VM was resumed): the host has not failed after all.
             self.failed_marker.unlink(missing_ok=True)
@@ -226,6 +235,37 @@ class HostOps:
                 proc.kill()
                 proc.wait()
 
+    def frozen_list(self, _p: dict[str, Any]) -> list[dict[str, Any]]:
+        return recovery.frozen_vms(self.agent.memory_dir)
+
+    def capacity(self, _p: dict[str, Any]) -> dict[str, int]:
+        return recovery.capacity(self.agent.memory_dir)
+
+    def _ram_param(self, p: dict[str, Any]) -> Path:
+        ram = p.get("ram_path")
+        if not isinstance(ram, str) or Path(ram).parent != self.agent.memory_dir:
+            raise UsageError(f"params.ram_path must be a file in {self.agent.host.name}'s "
+                             "memory")
+        return Path(ram)
+
+    def recovery_prepare(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = _vm(p)
+        resume = recovery.prepare_pull(recovery.recovering_dir(self.agent.memory_dir), vm,
+                                       self._ram_param(p), int(p.get("created_ns", -1)))
+        return {"vm": vm, "resume": resume}
+
+    def recovery_park(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = _vm(p)
+        recovery.park_pull(recovery.recovering_dir(self.agent.memory_dir), vm,
+                           self._ram_param(p))
+        return {"vm": vm, "parked": True}
+
+    def recovery_finish(self, p: dict[str, Any]) -> dict[str, Any]:
+        vm = _vm(p)
+        recovery.finish_pull(recovery.recovering_dir(self.agent.memory_dir), vm,
+                             self._ram_param(p))
+        return {"vm": vm, "finished": True}
+
     def recovery_progress(self, p: dict[str, Any]) -> dict[str, Any]:
         vm = _vm(p)
         done, total = self._progress.get(vm, (0, 0))
@@ -264,8 +304,9 @@ def _vm(p: dict[str, Any]) -> str:
 
 def register(agent: HostAgent) -> None:
     ops = HostOps(agent)
-    for name in ("fabric_info", "host_fail", "host_revive", "recovery_exports",
-                 "recovery_release", "recovery_pull", "recovery_progress", "recovery_abort"):
+    for name in ("fabric_info", "host_fail", "host_revive", "frozen_list", "capacity",
+                 "recovery_exports", "recovery_release", "recovery_prepare", "recovery_pull",
+                 "recovery_park", "recovery_finish", "recovery_progress", "recovery_abort"):
         agent.add_method(name, getattr(ops, name))
     # Bring the NIC up now, in the background, so a failure later finds it ready.
     def warm() -> None:

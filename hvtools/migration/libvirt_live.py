@@ -50,9 +50,7 @@ from hvtools.errors import (
 from hvtools.lab.hosts import load_lab
 from hvtools.libvirt.daemon import connect
 from hvtools.migration import live
-from hvtools.migration.orchestrate import MIGRATION_PORT, LiveResult
-from hvtools.migration.orchestrate import _check_capacity as check_capacity
-from hvtools.migration.orchestrate import _require_host as require_host
+from hvtools.migration.orchestrate import MIGRATION_PORT, LiveResult, check_capacity, require_host
 
 #: The destination QEMU listens here on its host's lab address (one above the qemu driver's
 #: port, so the two drivers' migrations into one host never collide).
@@ -124,10 +122,31 @@ def _has_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None
         raise
 
 
+#: What :func:`_restore` returns when the migration finished after all.
+MOVED = "moved"
+
+
 def _restore(name: str, src: libvirt.virConnect, dst: libvirt.virConnect,
              source: str, destination: str) -> str:
     """After a failed migration: the source runs, the destination holds nothing. Returns what
-    was still wrong and had to be put right ("" when libvirt had done it all)."""
+    was still wrong and had to be put right ("" when libvirt had done it all).
+
+    The source is inspected first: the destination is touched only while the source still
+    holds the guest, so the one running copy is never destroyed. Returns ``MOVED`` when the
+    source is gone and the destination runs (the migration finished despite the error).
+    """
+    dom = _has_domain(src, name)
+    if dom is None or not dom.isActive():
+        there = _has_domain(dst, name)
+        if there is not None and there.isActive():
+            return MOVED
+        raise MigrationError(f"migration of {name} failed and the source domain on {source} is "
+                             f"gone; {destination} holds no running copy")
+    state, reason = dom.state()
+    if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED:
+        raise live.SplitMigration(
+            f"post-copy migration of {name} failed: the guest is split between {source} and "
+            f"{destination}; both are kept (virsh migrate --postcopy-resume can recover it)")
     notes = []
     with contextlib.suppress(libvirt.libvirtError):
         left = _has_domain(dst, name)
@@ -138,16 +157,7 @@ def _restore(name: str, src: libvirt.virConnect, dst: libvirt.virConnect,
                     left.destroy()
             with contextlib.suppress(libvirt.libvirtError):
                 left.undefine()
-    dom = _has_domain(src, name)
-    if dom is None or not dom.isActive():
-        raise MigrationError(f"migration of {name} failed and the source domain on {source} is "
-                             "gone (post-copy?)")
-    state, reason = dom.state()
     if state == libvirt.VIR_DOMAIN_PAUSED:
-        if reason == libvirt.VIR_DOMAIN_PAUSED_POSTCOPY_FAILED:
-            raise MigrationError(f"post-copy migration of {name} failed: the guest is split "
-                                 f"between {source} and {destination} (virsh migrate "
-                                 "--postcopy-resume can recover it)")
         dom.resume()
         notes.append(f"resumed the source on {source}")
     return "; ".join(notes)
@@ -231,6 +241,10 @@ def migrate_libvirt(name: str, to: str, *, opts: live.Options,
         fixed = ""
         with contextlib.suppress(libvirt.libvirtError):
             fixed = _restore(name, src, dst, where.host, to)
+        if fixed == MOVED:
+            driver.record_placement(name, target)
+            raise MigrationError(f"libvirt reported an error ({err}) but {name} now runs on "
+                                 f"{to}; its record follows it") from err
         shutil.rmtree(files, ignore_errors=True)
         if isinstance(err, libvirt.libvirtError):
             extra = f" ({fixed})" if fixed else ""

@@ -26,6 +26,11 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from hvtools.errors import MigrationError, QmpError, UsageError
 
 
+class SplitMigration(MigrationError):
+    """A migration that failed after the source may have stopped for good (post-copy, or after
+    completion): neither side is resumed or removed."""
+
+
 class MigrationStatus(StrEnum):
     """QEMU 10.0 ``MigrationStatus`` (qapi/migration.json)."""
 
@@ -228,6 +233,9 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
                    dirty_rate: int | None) -> Report:
     src, dst = _Session("source", src_sock), _Session("destination", dst_sock)
     await src.open()
+    # Set once the guest's newest state may live on the destination alone (post-copy started,
+    # or QEMU reported completed): from then on the source must never run again.
+    point_of_no_return = False
     try:
         await dst.open()
         status = (await src.run("query-status"))["status"]
@@ -272,6 +280,9 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
                 statuses.append(p.status)
             on_progress(p)
             st = MigrationStatus(p.status)
+            if st in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED,
+                      MigrationStatus.POSTCOPY_RECOVER, MigrationStatus.COMPLETED):
+                point_of_no_return = True
             if st.finished:
                 break
             now = time.monotonic()
@@ -285,6 +296,7 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
             if (opts.postcopy and not switched and st is MigrationStatus.ACTIVE
                     and now - start >= opts.postcopy_after_s):
                 await src.run("migrate-start-postcopy")
+                point_of_no_return = True  # the source stops for good at the switch
                 switched = True
             await asyncio.sleep(0.05)
         if MigrationStatus(p.status) is not MigrationStatus.COMPLETED:
@@ -312,7 +324,16 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
             ram_total_bytes=int(ram.get("total", 0)), pages_sent=sent, pages_resent=resent,
             iterations=int(ram.get("dirty-sync-count", 0)), dirty_rate_before=dirty_rate,
             postcopy=opts.postcopy, statuses=statuses)
-    except BaseException:
+    except BaseException as err:
+        if point_of_no_return:
+            # Resuming the source now would run a stale copy of the guest; killing the
+            # destination would lose the newest. Leave both paused for QEMU's post-copy
+            # recovery (migrate-recover / migrate resume=true), and say so.
+            raise SplitMigration(
+                f"migration of {vm} failed after the switch-over began ({err}); the guest is "
+                f"split between {source} and {destination}, both are left paused: recover with "
+                "QEMU's migrate-recover on the destination and migrate resume=true on the "
+                "source") from err
         await _restore_source(src)
         raise
     finally:

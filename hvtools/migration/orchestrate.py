@@ -12,7 +12,6 @@ the destination, and leaves the source VM running (live) or the failed host's me
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -56,7 +55,7 @@ def _rdma_devices() -> list[str]:
     return sorted(p.name for p in root.iterdir()) if root.is_dir() else []
 
 
-def _require_host(lab: Lab, name: str, role: str) -> HostHandle:
+def require_host(lab: Lab, name: str, role: str) -> HostHandle:
     host = lab.host(name)
     if not host.up:
         raise HostDownError(f"{role} host {name} is down (its agent does not answer)")
@@ -65,21 +64,15 @@ def _require_host(lab: Lab, name: str, role: str) -> HostHandle:
     return host
 
 
-def _check_capacity(host: HostHandle, spec: VmSpec) -> None:
-    """The destination must hold the VM's RAM in its memory (tmpfs) and in host RAM."""
-    host.memory_dir.mkdir(parents=True, exist_ok=True)
-    st = os.statvfs(host.memory_dir)
-    free = st.f_bavail * st.f_frsize
-    avail = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
-    need = spec.memory
-    if free < need or avail < need:
+def check_capacity(host: HostHandle, spec: VmSpec) -> None:
+    """The destination must hold the VM's RAM in its memory (tmpfs) and in host RAM; the
+    host's agent measures it (agent RPC ``capacity``)."""
+    cap = host.call("capacity")
+    have = min(int(cap["memory_dir_free"]), int(cap["mem_available"]))
+    if have < spec.memory:
         raise MigrationRefused(
-            f"host {host.name} lacks memory for {spec.name}: needs {need >> 20} MiB, has "
-            f"{min(free, avail) >> 20} MiB free")
+            f"host {host.name} lacks memory for {spec.name}: needs {spec.memory >> 20} MiB, "
+            f"has {have >> 20} MiB free")
 
 
 def place(driver: QemuDriver, name: str) -> Placement:
@@ -126,8 +119,8 @@ def migrate_live(name: str, to: str, *, transport: str = "tcp",
         raise UsageError(f"VM {name!r} already runs on {to}")
     if not p.source.up:
         raise HostDownError(f"source host {p.source.name} is down")
-    dst = _require_host(p.lab, to, "destination")
-    _check_capacity(dst, p.vm.spec)
+    dst = require_host(p.lab, to, "destination")
+    check_capacity(dst, p.vm.spec)
     if transport not in ("tcp", "rdma"):
         raise UsageError(f"unknown transport {transport!r} (tcp or rdma)")
     if transport == "rdma" and not _rdma_devices():
@@ -151,6 +144,8 @@ def migrate_live(name: str, to: str, *, transport: str = "tcp",
     try:
         report = live.migrate(name, p.source.name, to, src_qmp, dest.qmp_socket, uri, opts,
                               on_progress, rate)
+    except live.SplitMigration:
+        raise  # both sides hold part of the guest: keep both (see live.SplitMigration)
     except BaseException:
         incoming.discard_record(driver, dest.record)
         raise
@@ -185,9 +180,11 @@ def revive_host(host_name: str, lab_name: str | None = None) -> dict[str, Any]:
 
 
 def _holder(lab: Lab, vm: str) -> HostHandle | None:
+    """The host whose agent holds a frozen copy of ``vm`` (agent RPC ``frozen_list``)."""
     for h in lab.hosts:
-        if recovery.FrozenFiles(recovery.frozen_dir(h.memory_dir), vm).meta.exists():
-            return h
+        with contextlib.suppress(HostDownError):
+            if any(m.get("vm") == vm for m in h.call("frozen_list")):
+                return h
     return None
 
 
@@ -233,21 +230,20 @@ def recover(name: str, to: str, *, lab_name: str | None = None,
     if not source.up:
         raise HostDownError(f"{source.name}'s agent (its NIC) does not answer: its memory "
                             "cannot be read")
-    dst = _require_host(lab, to, "destination")
+    dst = require_host(lab, to, "destination")
     exports = source.call("recovery_exports", vm=name)
     frozen_size = int(exports["meta"]["ram_size"])
     if frozen_size != vm.spec.memory:
         raise MigrationRefused(
             f"mismatched spec: {name}'s spec has {vm.spec.memory >> 20} MiB of RAM, the frozen "
             f"copy on {source.name} {frozen_size >> 20} MiB")
-    _check_capacity(dst, vm.spec)
+    check_capacity(dst, vm.spec)
     ram = host_ram_path(dst.memory_dir, name)
-    parked = recovery.PulledFiles(recovery.recovering_dir(dst.memory_dir), name).ram
-    if ram.exists() and not parked.exists():
-        raise MigrationRefused(f"{ram} exists on {to}: another VM's RAM file is in the way")
-    if parked.exists():
+    # Before any QEMU maps the RAM file: resume a partial pull of this freeze, or clear the way.
+    prep = dst.call("recovery_prepare", vm=name, ram_path=str(ram),
+                    created_ns=int(exports["meta"]["created_ns"]))
+    if prep["resume"]:
         say(f"resuming an earlier pull of {name} on {to}")
-        os.replace(parked, ram)
     say(f"pulling {name} from {source.name} ({source.address}) into {to}'s memory; "
         f"starting QEMU on {to}")
     result: dict[str, Any] = {}
@@ -286,24 +282,21 @@ def recover(name: str, to: str, *, lab_name: str | None = None,
         with driver.agent(name, timeout=answer_timeout) as agent:
             agent.ping()
     except BaseException:
-        th.join()
-        with contextlib.suppress(OSError):
-            if ram.exists():
-                os.replace(ram, parked)  # kept for a resume; QEMU's mapping goes with it
-        if started:
+        if started:  # first, so nothing runs on a half-filled RAM file
             with contextlib.suppress(HvError):
-                driver.kill(name)
+                driver.kill(name, keep_ram=True)
+        th.join()
+        with contextlib.suppress(HvError):  # kept beside its journal for a resume
+            dst.call("recovery_park", vm=name, ram_path=str(ram))
         raise
     t_end = time.monotonic()
-    pulled = recovery.PulledFiles(recovery.recovering_dir(dst.memory_dir), name)
-    with contextlib.suppress(OSError):
-        os.replace(pulled.table, ram.with_suffix(".pgtbl"))  # stored beside its RAM file
-    with contextlib.suppress(OSError):
-        pulled.devstate.unlink()
-    with contextlib.suppress(OSError):
-        pulled.root.rmdir()
-    with contextlib.suppress(HvError):
+    with contextlib.suppress(HvError):  # the rebuilt table goes beside its RAM file
+        dst.call("recovery_finish", vm=name, ram_path=str(ram))
+    try:
         source.call("recovery_release", vm=name, delete=True)
+    except HvError as err:
+        say(f"warning: {source.name} did not release its frozen copy of {name} ({err}); "
+            f"remove it before `hvtools host revive {source.name}`")
     return RecoveryResult(
         vm=name, source=source.name, destination=to, pull=result,
         start_ms=round((t_started - t_start) * 1000, 1),

@@ -15,7 +15,7 @@ Binary layout, little-endian, so it can be READ in one operation and parsed with
       24  n_entries    u64
       32  dev_len      u64  bytes of device state (QEMU migration stream with x-ignore-shared)
       40  dev_hash     u64  xxh3-64 of the device state
-      48  body_hash    u64  xxh3-64 of the entry array
+      48  table_hash   u64  xxh3-64 of the header (this field as 0) and the entry array
       56  created_ns   u64  CLOCK_REALTIME at freeze
       64  vm           64s  VM name, NUL padded
     entries (n_entries x 24 bytes), sorted by offset
@@ -71,10 +71,11 @@ class PageTable:
 
     def to_bytes(self) -> bytes:
         body = np.ascontiguousarray(self.entries, dtype=ENTRY_DTYPE).tobytes()
-        header = HEADER.pack(MAGIC, self.page_size, 0, self.ram_size, len(self.entries),
-                             self.dev_len, self.dev_hash, xxhash.xxh3_64_intdigest(body),
-                             self.created_ns, self.vm.encode()[:64])
-        return header + body
+        fields = (MAGIC, self.page_size, 0, self.ram_size, len(self.entries), self.dev_len,
+                  self.dev_hash)
+        tail = (self.created_ns, self.vm.encode()[:64])
+        digest = _table_hash(HEADER.pack(*fields, 0, *tail), body)
+        return HEADER.pack(*fields, digest, *tail) + body
 
     def relocated(self, offsets: npt.NDArray[np.uint64]) -> PageTable:
         """The same pages at other locations (the destination's own RAM region)."""
@@ -86,13 +87,19 @@ class PageTable:
                          self.created_ns, self.page_size)
 
 
+def _table_hash(header: bytes, body: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64(header)
+    h.update(body)
+    return h.intdigest()
+
+
 def parse(data: bytes | bytearray | memoryview) -> PageTable:
     """Parse and check a table (magic, sizes, body hash, entries inside the RAM region)."""
     data = memoryview(data)
     if len(data) < HEADER.size:
         raise PageTableError(f"page table truncated: {len(data)} bytes, header needs "
                              f"{HEADER.size}")
-    (magic, page_size, _flags, ram_size, n, dev_len, dev_hash, body_hash, created,
+    (magic, page_size, flags, ram_size, n, dev_len, dev_hash, table_hash, created,
      vm) = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise PageTableError(f"not a recovery page table (magic {bytes(magic)!r})")
@@ -103,8 +110,9 @@ def parse(data: bytes | bytearray | memoryview) -> PageTable:
         raise PageTableError(f"page table truncated: {n} entries need {end} bytes, "
                              f"got {len(data)}")
     body = data[HEADER.size:end]
-    if xxhash.xxh3_64_intdigest(body) != body_hash:
-        raise PageTableError("page table body does not match its hash (corrupted in transfer?)")
+    zeroed = HEADER.pack(magic, page_size, flags, ram_size, n, dev_len, dev_hash, 0, created, vm)
+    if _table_hash(zeroed, body) != table_hash:
+        raise PageTableError("page table does not match its hash (corrupted in transfer?)")
     entries = np.frombuffer(body, dtype=ENTRY_DTYPE).copy()
     if n and (int(entries["offset"].max()) + page_size > ram_size
               or bool(np.any(entries["offset"] % page_size))):

@@ -12,8 +12,10 @@
    coalesced page runs straight into the destination's own RAM file, each page checked against
    its hash, then the device state. Progress is journalled per run, so a broken transfer resumes
    where it stopped; :func:`abort_pull` throws the partial copy away. The source is only read.
-3. The table is rebuilt for the destination (the same pages at their offsets in its own RAM
-   file) and stored next to it. QEMU then starts from that RAM file with ``-incoming defer``,
+3. The table is rebuilt for the destination and stored beside its RAM file. The destination
+   QEMU gets the same spec, hence the same q35 layout of its RAM region, so each page lands at
+   the offset it had and the rebuilt table lists the same offsets, now in the destination's
+   file. QEMU then starts from that RAM file with ``-incoming defer``,
    ``x-ignore-shared`` and the saved device state (:func:`restore_vm`), and is resumed.
 """
 
@@ -165,13 +167,6 @@ def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Pat
         if isinstance(err, HvError):
             raise
         raise MigrationError(f"freezing {vm} failed: {err}; it runs on") from err
-    # The host's CPUs are gone: only its memory and its NIC stay.
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(qemu_pid, signal.SIGKILL)
-    _wait_dead(qemu_pid)
-    os.replace(dev_tmp, files.devstate)
-    os.replace(ram_path, files.ram)
-    os.replace(tbl_tmp, files.table)
     meta = {"vm": vm, "ram_size": ram_size, "pages": len(offsets),
             "populated_pages": len(populated), "zero_pages": len(populated) - len(offsets),
             "populated_bytes": table.populated_bytes, "dev_len": len(dev),
@@ -179,11 +174,27 @@ def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Pat
             "source_ram_path": str(ram_path), "frozen_at": time.time(),
             "stop_ms": round((t_stop - t0) * 1000, 1),
             "devstate_ms": round((t_dev - t_stop) * 1000, 1),
-            "table_ms": round((t_table - t_dev) * 1000, 1),
-            "total_ms": round((time.monotonic() - t0) * 1000, 1)}
-    tmp = files.meta.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, files.meta)
+            "table_ms": round((t_table - t_dev) * 1000, 1)}
+    meta_tmp = files.meta.with_suffix(".json.tmp")
+    try:
+        meta_tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    except OSError as err:
+        for p in (dev_tmp, tbl_tmp, meta_tmp):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        with contextlib.suppress(HvError):
+            qmp_call(qmp, "cont")
+        raise MigrationError(f"freezing {vm} failed: {err}; it runs on") from err
+    # Everything is written: the host's CPUs go. Only its memory and its NIC stay. From here
+    # only renames within one filesystem remain, the meta file last (it makes the copy visible).
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(qemu_pid, signal.SIGKILL)
+    _wait_dead(qemu_pid)
+    os.replace(dev_tmp, files.devstate)
+    os.replace(ram_path, files.ram)
+    os.replace(tbl_tmp, files.table)
+    os.replace(meta_tmp, files.meta)
+    meta["total_ms"] = round((time.monotonic() - t0) * 1000, 1)
     on_step(f"{vm}: frozen, {len(offsets)} populated pages, QEMU killed")
     return meta
 
@@ -202,11 +213,17 @@ def _wait_dead(pid: int, timeout: float = 10.0) -> None:
 
 
 def frozen_vms(memory_dir: Path) -> list[dict[str, Any]]:
+    """The frozen VMs of a host; a RAM file whose freeze did not finish shows as incomplete."""
     root = frozen_dir(memory_dir)
-    out = []
-    for meta in sorted(root.glob("*.json")) if root.is_dir() else []:
-        with contextlib.suppress(OSError, ValueError):
+    out: list[dict[str, Any]] = []
+    if not root.is_dir():
+        return out
+    for ram in sorted(root.glob("*.ram")):
+        meta = FrozenFiles(root, ram.stem).meta
+        try:
             out.append(json.loads(meta.read_text()))
+        except (OSError, ValueError):
+            out.append({"vm": ram.stem, "incomplete": True})
     return out
 
 
@@ -361,9 +378,10 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
                              f"{table.ram_size}")
     fd = os.open(target, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if not done.any():
-            # Nothing to resume: start from zeros. Pages the table leaves out are zero on the
-            # source, so no stale byte of an older pull may survive in them.
+        if not done.any() and next(data_extents(fd, os.fstat(fd).st_size), None) is not None:
+            # Nothing to resume but old bytes: start from zeros, since pages the table leaves
+            # out are zero on the source. (recover() clears the file before a QEMU maps it,
+            # so this never shrinks a mapped file.)
             os.ftruncate(fd, 0)
         if os.fstat(fd).st_size != table.ram_size:
             os.ftruncate(fd, table.ram_size)
@@ -422,6 +440,7 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
         raise MigrationError(f"{vm}'s device state arrived corrupted; the source is intact, retry")
     files.devstate.write_bytes(dev)
     # The table rebuilt for this host: the same pages, at their places in its own RAM file.
+    # Same spec, same RAM layout: every page sits at its source offset in this host's file.
     files.table.write_bytes(table.relocated(table.entries["offset"].copy()).to_bytes())
     files.journal.unlink()
     t_end = time.monotonic()
@@ -468,7 +487,56 @@ def pull_state(dest_root: Path, vm: str) -> dict[str, Any] | None:
         j = json.loads(files.journal.read_text())
     except (OSError, ValueError):
         return {"vm": vm, "runs_done": 0}
-    return {"vm": vm, "runs_done": len(j.get("done", [])), "runs": j.get("runs")}
+    return {"vm": vm, "runs_done": len(j.get("done", [])), "runs": j.get("runs"),
+            "created_ns": j.get("created_ns")}
+
+
+def prepare_pull(dest_root: Path, vm: str, ram_path: Path, created_ns: int) -> bool:
+    """Before a destination QEMU maps ``ram_path``: put a resumable partial pull of this very
+    freeze (``created_ns``) in place and return True, or clear anything else and return False.
+
+    Clearing here, before QEMU starts, is what lets the pull begin from zeros without ever
+    shrinking a file QEMU has mapped.
+    """
+    files = PulledFiles(dest_root, vm)
+    state = pull_state(dest_root, vm)
+    if state is not None and state.get("created_ns") == created_ns and files.ram.exists():
+        os.replace(files.ram, ram_path)
+        return True
+    if ram_path.exists():
+        raise UsageError(f"{ram_path} exists: another VM's RAM file is in the way")
+    abort_pull(dest_root, vm)
+    return False
+
+
+def park_pull(dest_root: Path, vm: str, ram_path: Path) -> None:
+    """After a failed recovery: keep the pulled RAM beside its journal for a resume."""
+    dest_root.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(ram_path, PulledFiles(dest_root, vm).ram)
+
+
+def finish_pull(dest_root: Path, vm: str, ram_path: Path) -> None:
+    """After a recovery: the rebuilt table beside its RAM file; the device state file goes."""
+    files = PulledFiles(dest_root, vm)
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(files.table, ram_path.with_suffix(".pgtbl"))
+    with contextlib.suppress(FileNotFoundError):
+        files.devstate.unlink()
+    with contextlib.suppress(OSError):
+        dest_root.rmdir()
+
+
+def capacity(memory_dir: Path) -> dict[str, int]:
+    """Bytes free for VM RAM on this host: in its memory (tmpfs) and in host RAM."""
+    memory_dir.mkdir(parents=True, exist_ok=True)
+    st = os.statvfs(memory_dir)
+    avail = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    return {"memory_dir_free": st.f_bavail * st.f_frsize, "mem_available": avail}
 
 
 def abort_pull(dest_root: Path, vm: str) -> None:

@@ -29,10 +29,13 @@ def test_round_trip_keeps_every_field() -> None:
     assert len(table.to_bytes()) == pt.table_size(5)
 
 
-def test_a_flipped_bit_in_the_body_is_caught() -> None:
+@pytest.mark.parametrize("where", [pt.HEADER.size + 30,   # an entry
+                                   16, 32, 40, 56, 64])     # ram_size, dev_len/hash, time, vm
+def test_a_flipped_bit_in_the_header_or_body_is_caught(where: int) -> None:
     mem = _mem(8 * pt.PAGE)
-    data = bytearray(pt.build("v", GiB, mem, np.arange(8, dtype=np.uint64) * pt.PAGE).to_bytes())
-    data[pt.HEADER.size + 30] ^= 0x10
+    data = bytearray(pt.build("v", GiB, mem, np.arange(8, dtype=np.uint64) * pt.PAGE,
+                              dev_len=5, dev_hash=9).to_bytes())
+    data[where] ^= 0x10
     with pytest.raises(pt.PageTableError, match="does not match its hash"):
         pt.parse(data)
 
