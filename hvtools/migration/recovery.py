@@ -156,16 +156,7 @@ def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Pat
         tbl_tmp.write_bytes(table.to_bytes())
         t_table = time.monotonic()
     except (HvError, OSError) as err:
-        for p in (dev_tmp, tbl_tmp):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        with contextlib.suppress(HvError):
-            qmp_call(qmp, "migrate-set-capabilities", {"capabilities": [
-                {"capability": "x-ignore-shared", "state": False}]})
-        with contextlib.suppress(HvError):
-            qmp_call(qmp, "cont")
-        if isinstance(err, HvError):
-            raise
+        _unfreeze(qmp, dev_tmp, tbl_tmp)
         raise MigrationError(f"freezing {vm} failed: {err}; it runs on") from err
     meta = {"vm": vm, "ram_size": ram_size, "pages": len(offsets),
             "populated_pages": len(populated), "zero_pages": len(populated) - len(offsets),
@@ -179,11 +170,7 @@ def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Pat
     try:
         meta_tmp.write_text(json.dumps(meta, indent=1) + "\n")
     except OSError as err:
-        for p in (dev_tmp, tbl_tmp, meta_tmp):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        with contextlib.suppress(HvError):
-            qmp_call(qmp, "cont")
+        _unfreeze(qmp, dev_tmp, tbl_tmp, meta_tmp)
         raise MigrationError(f"freezing {vm} failed: {err}; it runs on") from err
     # Everything is written: the host's CPUs go. Only its memory and its NIC stay. From here
     # only renames within one filesystem remain, the meta file last (it makes the copy visible).
@@ -197,6 +184,18 @@ def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Pat
     meta["total_ms"] = round((time.monotonic() - t0) * 1000, 1)
     on_step(f"{vm}: frozen, {len(offsets)} populated pages, QEMU killed")
     return meta
+
+
+def _unfreeze(qmp: Path, *partial: Path) -> None:
+    """Undo a freeze that failed before the kill: the VM runs first, then the files go."""
+    with contextlib.suppress(HvError):
+        qmp_call(qmp, "migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": False}]})
+    with contextlib.suppress(HvError):
+        qmp_call(qmp, "cont")
+    for p in partial:
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def _wait_dead(pid: int, timeout: float = 10.0) -> None:

@@ -386,3 +386,46 @@ def test_recovery_refusals_change_nothing(lab: Lab, guests: Guests) -> None:
     assert _show(running)["state"] == "running"
     rec = _json(hvtools_cli("recover", name, "--to", "h2", "--lab", LAB, "--json"))
     assert rec["destination"] == "h2"
+
+
+def test_a_failed_freeze_leaves_the_vm_running(lab: Lab, guests: Guests) -> None:
+    name = guests.start("ffail", memory="256M")
+    guests.start_workload(name)
+    pid = _show(name)["pid"]
+    h1 = lab.host("h1")
+    # Fault injection: the device state cannot be written (a directory sits where QEMU's
+    # migration to a file must create it), after the vCPUs were stopped.
+    blocker = recovery.FrozenFiles(recovery.frozen_dir(h1.memory_dir), name).devstate \
+        .with_suffix(".devstate.tmp")
+    blocker.mkdir(parents=True)
+    try:
+        r = hvtools_cli("host", "fail", "h1", "--lab", LAB)
+    finally:
+        blocker.rmdir()
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert r.stderr.strip().splitlines()[-1].startswith("error:") and "did not fail" in r.stderr
+    shown = _show(name)
+    assert shown["state"] == "running" and shown["pid"] == pid
+    c = guests.counter(name)
+    time.sleep(0.5)
+    assert guests.counter(name) > c
+    assert not h1.failed and recovery.frozen_vms(h1.memory_dir) == []
+
+
+def test_a_failed_restore_kills_the_destination_and_keeps_the_frozen_copy(
+        lab: Lab, guests: Guests) -> None:
+    name = guests.start("rfail", memory="256M")
+    md5 = guests.fill(name, 32)
+    _json(hvtools_cli("host", "fail", "h1", "--lab", LAB, "--json"))
+    files = recovery.FrozenFiles(recovery.frozen_dir(lab.host("h1").memory_dir), name)
+    before = _file_hash(files.ram)
+    # Fault injection: the destination's QEMU cannot start.
+    r = hvtools_cli("recover", name, "--to", "h2", "--lab", LAB,
+                    env={"HVTOOLS_QEMU": "/bin/false"})
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error:"), r
+    assert not qemu_pids_for(name) and _show(name)["state"] != "running"
+    assert _file_hash(files.ram) == before and files.meta.exists()
+    assert not host_ram_path(lab.host("h2").memory_dir, name).exists()
+    rec = _json(hvtools_cli("recover", name, "--to", "h2", "--lab", LAB, "--json"))
+    assert rec["destination"] == "h2"
+    assert guests.sh(name, "md5sum /dev/shm/data") == md5
