@@ -309,10 +309,15 @@ def register(agent: HostAgent) -> None:
                  "recovery_park", "recovery_finish", "recovery_progress", "recovery_abort"):
         agent.add_method(name, getattr(ops, name))
     # Bring the NIC up now, in the background, so a failure later finds it ready.
+    # A puller ready before the agent serves (its log file exists from the start).
+    try:
+        ops.warm_puller()
+    except OSError as err:
+        log.error("no spare puller: %s", err)
+
     def warm() -> None:
         try:
             ops.endpoint()
-            ops.warm_puller()
         except (HvError, OSError) as err:
             log.error("fabric endpoint not up: %s", err)
 
