@@ -66,12 +66,14 @@ def main() -> None:
     spec = parse_lab_toml(LAB, "bench lab")
     name = "rbench-vm"
     drv = QemuDriver()
-    with contextlib.suppress(HvError):
-        drv.kill(name)
-    with contextlib.suppress(HvError):
-        drv.undefine(name)
-    with contextlib.suppress(HvError):
-        lab_down(spec.name)
+
+    def clean() -> None:
+        for step in (lambda: drv.kill(name), lambda: drv.undefine(name),
+                     lambda: lab_down(spec.name)):
+            with contextlib.suppress(HvError):
+                step()
+
+    clean()
     lab_up(spec)
     rows: list[dict[str, Any]] = []
     try:
@@ -116,12 +118,7 @@ def main() -> None:
                       f"{rec.pull['gib_per_s']} GiB/s, start {rec.start_ms} ms, restore "
                       f"{rec.restore_ms} ms, answer {rec.answer_ms} ms)", flush=True)
     finally:
-        with contextlib.suppress(HvError):
-            drv.kill(name)
-        with contextlib.suppress(HvError):
-            drv.undefine(name)
-        with contextlib.suppress(HvError):
-            lab_down(spec.name)
+        clean()
     med = {k: statistics.median(float(r[k]) for r in rows)
            for k in ("qemu_total_ms", "qemu_wall_ms", "recovery_ms", "qemu_downtime_ms",
                      "measured_downtime_ms")}

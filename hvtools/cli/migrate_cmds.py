@@ -53,6 +53,13 @@ def _bar(title: str, quiet: bool) -> Iterator[Callable[[int, int, str], None]]:
     yield line
 
 
+def _say(quiet: bool) -> Callable[[str], None]:
+    """Step messages, dimmed on stderr (none with --json)."""
+    if quiet:
+        return lambda _m: None
+    return lambda m: err.print(f"[dim]{m}[/dim]")
+
+
 def register(main: click.Group) -> None:
     @main.command("migrate")
     @click.argument("name")
@@ -86,8 +93,7 @@ def register(main: click.Group) -> None:
 
             res = migrate_live(name, to, transport=transport, opts=opts,
                                on_progress=on_progress,
-                               say=(lambda _m: None) if as_json else
-                               (lambda m: err.print(f"[dim]{m}[/dim]")))
+                               say=_say(as_json))
         if as_json:
             _emit_json(res.to_json())
             return
@@ -121,8 +127,7 @@ def register(main: click.Group) -> None:
         from hvtools.migration.orchestrate import fail_host
 
         res = fail_host(host_name, lab_name,
-                        say=(lambda _m: None) if as_json else
-                        (lambda m: err.print(f"[dim]{m}[/dim]")))
+                        say=_say(as_json))
         if as_json:
             _emit_json(res)
             return
@@ -170,8 +175,7 @@ def register(main: click.Group) -> None:
         with _bar(f"pulling {name}", as_json) as update:
             rr = recover(name, to, lab_name=lab_name,
                          on_progress=lambda d, t: update(d, t, "verified"),
-                         say=(lambda _m: None) if as_json else
-                         (lambda m: err.print(f"[dim]{m}[/dim]")))
+                         say=_say(as_json))
         if as_json:
             _emit_json(rr.to_json())
             return

@@ -115,14 +115,20 @@ def rpc_unix(path: Path, method: str, params: dict[str, Any] | None = None, *,
         except OSError as err:
             raise HostDownError(f"{where}: agent not answering on {path} "
                                 f"({err.strerror or err})") from err
-        try:
-            return _exchange(sock, method, params or {}, timeout, where)
-        except TimeoutError as err:
-            raise HostDownError(f"{where}: agent did not answer {method} within "
-                                f"{timeout:.0f}s") from err
-        except (ConnectionError, json.JSONDecodeError) as err:
-            raise HostDownError(f"{where}: agent connection broke during {method}: {err}") \
-                from err
+        return _call(sock, method, params, timeout, where)
+
+
+def _call(sock: socket.socket, method: str, params: dict[str, Any] | None, timeout: float,
+          where: str) -> Any:
+    """One exchange on a connected socket; a silent or broken agent is HostDownError."""
+    try:
+        return _exchange(sock, method, params or {}, timeout, where)
+    except TimeoutError as err:
+        raise HostDownError(f"{where}: agent did not answer {method} within "
+                            f"{timeout:.0f}s") from err
+    except (ConnectionError, json.JSONDecodeError) as err:
+        raise HostDownError(f"{where}: agent connection broke during {method}: {err}") \
+            from err
 
 
 def rpc_tcp(address: str, method: str, params: dict[str, Any] | None = None, *,
@@ -137,14 +143,7 @@ def rpc_tcp(address: str, method: str, params: dict[str, Any] | None = None, *,
         raise HostDownError(f"{where}: agent not reachable at {address}:{port} "
                             f"({err.strerror or err})") from err
     with sock:
-        try:
-            return _exchange(sock, method, params or {}, timeout, where)
-        except TimeoutError as err:
-            raise HostDownError(f"{where}: agent did not answer {method} within "
-                                f"{timeout:.0f}s") from err
-        except (ConnectionError, json.JSONDecodeError) as err:
-            raise HostDownError(f"{where}: agent connection broke during {method}: {err}") \
-                from err
+        return _call(sock, method, params, timeout, where)
 
 
 # -- processes in a namespace -------------------------------------------------------------------

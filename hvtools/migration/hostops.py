@@ -173,8 +173,8 @@ class HostOps:
                 raise UsageError(f"ram_path {target} is not in {self.agent.host.name}'s memory")
             out = self._run_puller({"exports": exports, "dest": str(dest),
                                     "ram_path": str(target) if target else None}, progress)
-            out["ram_path"] = str(target or recovery.PulledFiles(dest, vm).ram)
-            out["devstate_path"] = str(recovery.PulledFiles(dest, vm).devstate)
+            out["ram_path"] = str(target or recovery.VmFiles(dest, vm).ram)
+            out["devstate_path"] = str(recovery.VmFiles(dest, vm).devstate)
             out["meta"] = exports["meta"]
             return out
         finally:

@@ -59,8 +59,9 @@ def recovering_dir(memory_dir: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class FrozenFiles:
-    """Where a frozen VM's pieces live on its (failed) host."""
+class VmFiles:
+    """A VM's recovery pieces in one directory: a failed host's ``frozen/`` (RAM, table,
+    device state, meta) or a destination's ``recovering/`` (the same, plus the journal)."""
 
     root: Path
     vm: str
@@ -80,6 +81,14 @@ class FrozenFiles:
     @property
     def meta(self) -> Path:
         return self.root / f"{self.vm}.json"
+
+    @property
+    def journal(self) -> Path:
+        return self.root / f"{self.vm}.journal.json"
+
+    def pulled(self) -> tuple[Path, ...]:
+        """What a pull writes (and an abort removes)."""
+        return (self.ram, self.table, self.devstate, self.journal)
 
 
 def data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -119,7 +128,7 @@ def freeze_vm(vm: str, qmp: Path, qemu_pid: int, ram_path: Path, memory_dir: Pat
     Until QEMU is killed nothing is lost: a failure before that removes the partial files and
     resumes the VM.
     """
-    files = FrozenFiles(frozen_dir(memory_dir), vm)
+    files = VmFiles(frozen_dir(memory_dir), vm)
     files.root.mkdir(parents=True, exist_ok=True)
     dev_tmp = files.devstate.with_suffix(".devstate.tmp")
     tbl_tmp = files.table.with_suffix(".pgtbl.tmp")
@@ -218,7 +227,7 @@ def frozen_vms(memory_dir: Path) -> list[dict[str, Any]]:
     if not root.is_dir():
         return out
     for ram in sorted(root.glob("*.ram")):
-        meta = FrozenFiles(root, ram.stem).meta
+        meta = VmFiles(root, ram.stem).meta
         try:
             out.append(json.loads(meta.read_text()))
         except (OSError, ValueError):
@@ -238,7 +247,7 @@ class Exports:
     def export(self, vm: str) -> dict[str, Any]:
         """Register the VM's table, device state and RAM; their regions, for ``rpc``."""
         with self._lock:
-            files = FrozenFiles(frozen_dir(self.memory_dir), vm)
+            files = VmFiles(frozen_dir(self.memory_dir), vm)
             if not files.meta.exists():
                 raise UsageError(f"no frozen VM {vm!r} on this host")
             if vm not in self._maps:
@@ -282,7 +291,7 @@ class Exports:
             for m, mr in self._maps.pop(vm, []):
                 self._unregister(m, mr)
             if delete:
-                files = FrozenFiles(frozen_dir(self.memory_dir), vm)
+                files = VmFiles(frozen_dir(self.memory_dir), vm)
                 for p in (files.table, files.devstate, files.ram, files.meta):
                     with contextlib.suppress(FileNotFoundError):
                         p.unlink()
@@ -311,31 +320,6 @@ class PullStats:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class PulledFiles:
-    root: Path
-    vm: str
-
-    @property
-    def ram(self) -> Path:
-        return self.root / f"{self.vm}.ram"
-
-    @property
-    def table(self) -> Path:
-        return self.root / f"{self.vm}.pgtbl"
-
-    @property
-    def devstate(self) -> Path:
-        return self.root / f"{self.vm}.devstate"
-
-    @property
-    def journal(self) -> Path:
-        return self.root / f"{self.vm}.journal.json"
-
-    def all(self) -> tuple[Path, ...]:
-        return (self.ram, self.table, self.devstate, self.journal)
-
-
 def _read_into(ep: Endpoint, peer: Any, buf: bytearray | mmap.mmap, remote: RemoteRegion,
                length: int) -> None:
     mr = ep.register(buf, remote_read=False, remote_write=False)
@@ -356,7 +340,7 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
     """
     t0 = time.monotonic()
     vm = str(exports["vm"])
-    files = PulledFiles(dest_root, vm)
+    files = VmFiles(dest_root, vm)
     target = ram_path or files.ram
     dest_root.mkdir(parents=True, exist_ok=True)
     peer = ep.connect(str(exports["fabric"]))
@@ -454,7 +438,7 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
                      gib_per_s=round(nbytes / max(pages_s, 1e-9) / (1 << 30), 3))
 
 
-def _load_journal(files: PulledFiles, table: pt.PageTable,
+def _load_journal(files: VmFiles, table: pt.PageTable,
                   target: Path) -> np.ndarray[Any, np.dtype[np.bool_]]:
     runs = len(pt.coalesce(table.entries["offset"], max_bytes=RUN_BYTES))
     done = np.zeros(runs, dtype=bool)
@@ -468,7 +452,7 @@ def _load_journal(files: PulledFiles, table: pt.PageTable,
     return done
 
 
-def _save_journal(files: PulledFiles, table: pt.PageTable,
+def _save_journal(files: VmFiles, table: pt.PageTable,
                   done: np.ndarray[Any, np.dtype[np.bool_]], target: Path) -> None:
     tmp = files.journal.with_suffix(".tmp")
     tmp.write_text(json.dumps({"created_ns": table.created_ns, "runs": len(done),
@@ -479,7 +463,7 @@ def _save_journal(files: PulledFiles, table: pt.PageTable,
 
 def pull_state(dest_root: Path, vm: str) -> dict[str, Any] | None:
     """What a broken pull left behind (for resume), or None."""
-    files = PulledFiles(dest_root, vm)
+    files = VmFiles(dest_root, vm)
     if not files.journal.exists():
         return None
     try:
@@ -497,7 +481,7 @@ def prepare_pull(dest_root: Path, vm: str, ram_path: Path, created_ns: int) -> b
     Clearing here, before QEMU starts, is what lets the pull begin from zeros without ever
     shrinking a file QEMU has mapped.
     """
-    files = PulledFiles(dest_root, vm)
+    files = VmFiles(dest_root, vm)
     state = pull_state(dest_root, vm)
     if state is not None and state.get("created_ns") == created_ns and files.ram.exists():
         os.replace(files.ram, ram_path)
@@ -512,12 +496,12 @@ def park_pull(dest_root: Path, vm: str, ram_path: Path) -> None:
     """After a failed recovery: keep the pulled RAM beside its journal for a resume."""
     dest_root.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
-        os.replace(ram_path, PulledFiles(dest_root, vm).ram)
+        os.replace(ram_path, VmFiles(dest_root, vm).ram)
 
 
 def finish_pull(dest_root: Path, vm: str, ram_path: Path) -> None:
     """After a recovery: the rebuilt table beside its RAM file; the device state file goes."""
-    files = PulledFiles(dest_root, vm)
+    files = VmFiles(dest_root, vm)
     with contextlib.suppress(FileNotFoundError):
         os.replace(files.table, ram_path.with_suffix(".pgtbl"))
     with contextlib.suppress(FileNotFoundError):
@@ -540,7 +524,7 @@ def capacity(memory_dir: Path) -> dict[str, int]:
 
 def abort_pull(dest_root: Path, vm: str) -> None:
     """Throw away a partial (or finished but unused) pull of ``vm``."""
-    for p in PulledFiles(dest_root, vm).all():
+    for p in VmFiles(dest_root, vm).pulled():
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     with contextlib.suppress(OSError):

@@ -269,7 +269,7 @@ def test_recovery_restores_every_page_and_the_running_guest(lab: Lab, guests: Gu
     assert not qemu_pids_for(name)
     assert _show(name)["state"] != "running"
     h1, h2 = lab.host("h1"), lab.host("h2")
-    files = recovery.FrozenFiles(recovery.frozen_dir(h1.memory_dir), name)
+    files = recovery.VmFiles(recovery.frozen_dir(h1.memory_dir), name)
     table = pt.parse(files.table.read_bytes())
     assert len(table.entries) == meta["pages"]
 
@@ -314,7 +314,7 @@ def test_recovery_resumes_after_a_cut_link(lab: Lab, guests: Guests) -> None:
     guests.start_workload(name)
     _json(hvtools_cli("host", "fail", "h1", "--lab", LAB, "--json"))
     h1, h2 = lab.host("h1"), lab.host("h2")
-    files = recovery.FrozenFiles(recovery.frozen_dir(h1.memory_dir), name)
+    files = recovery.VmFiles(recovery.frozen_dir(h1.memory_dir), name)
     before = _file_hash(files.ram)
     # Slow h1's link so the pull is still running when the link is cut.
     h1.run(["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "100mbit",
@@ -364,7 +364,7 @@ def test_recovery_refusals_change_nothing(lab: Lab, guests: Guests) -> None:
                     "frozen copy")
     _json(hvtools_cli("host", "fail", "h1", "--lab", LAB, "--json"))
     h1 = lab.host("h1")
-    files = recovery.FrozenFiles(recovery.frozen_dir(h1.memory_dir), name)
+    files = recovery.VmFiles(recovery.frozen_dir(h1.memory_dir), name)
     before = _file_hash(files.ram)
     _one_line_error(hvtools_cli("host", "fail", "h1", "--lab", LAB), 2, "already failed")
     _one_line_error(hvtools_cli("host", "revive", "h1", "--lab", LAB), 2, "frozen")
@@ -395,7 +395,7 @@ def test_a_failed_freeze_leaves_the_vm_running(lab: Lab, guests: Guests) -> None
     h1 = lab.host("h1")
     # Fault injection: the device state cannot be written (a directory sits where QEMU's
     # migration to a file must create it), after the vCPUs were stopped.
-    blocker = recovery.FrozenFiles(recovery.frozen_dir(h1.memory_dir), name).devstate \
+    blocker = recovery.VmFiles(recovery.frozen_dir(h1.memory_dir), name).devstate \
         .with_suffix(".devstate.tmp")
     blocker.mkdir(parents=True)
     try:
@@ -417,7 +417,7 @@ def test_a_failed_restore_kills_the_destination_and_keeps_the_frozen_copy(
     name = guests.start("rfail", memory="256M")
     md5 = guests.fill(name, 32)
     _json(hvtools_cli("host", "fail", "h1", "--lab", LAB, "--json"))
-    files = recovery.FrozenFiles(recovery.frozen_dir(lab.host("h1").memory_dir), name)
+    files = recovery.VmFiles(recovery.frozen_dir(lab.host("h1").memory_dir), name)
     before = _file_hash(files.ram)
     # Fault injection: the destination's QEMU cannot start.
     r = hvtools_cli("recover", name, "--to", "h2", "--lab", LAB,

@@ -36,7 +36,7 @@ class _Stop(Exception):
 def _frozen(root: Path, seed: int = 7) -> tuple[Path, np.ndarray[Any, np.dtype[np.uint8]]]:
     """A frozen VM in ``root``: 3000 random pages, 500 written-but-zero pages, holes."""
     mem = root / "mem"
-    files = recovery.FrozenFiles(recovery.frozen_dir(mem), VM)
+    files = recovery.VmFiles(recovery.frozen_dir(mem), VM)
     files.root.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     image = np.zeros(RAM, dtype=np.uint8)
@@ -97,12 +97,12 @@ def test_pull_equals_the_frozen_ram_and_leaves_no_stale_byte(
     stats = recovery.pull_vm(_initiator(), exports, dest, ram_path=ram)
     assert stats.pages == 3000 and stats.resumed_runs == 0
     assert stats.runs == len(pt.coalesce(pt.parse(
-        recovery.FrozenFiles(recovery.frozen_dir(mem), VM).table.read_bytes())
+        recovery.VmFiles(recovery.frozen_dir(mem), VM).table.read_bytes())
         .entries["offset"], max_bytes=recovery.RUN_BYTES))
     assert np.array_equal(_read(ram), image)
-    files = recovery.PulledFiles(dest, VM)
+    files = recovery.VmFiles(dest, VM)
     assert files.devstate.read_bytes() == \
-        recovery.FrozenFiles(recovery.frozen_dir(mem), VM).devstate.read_bytes()
+        recovery.VmFiles(recovery.frozen_dir(mem), VM).devstate.read_bytes()
     assert not files.journal.exists()
     rebuilt = pt.parse(files.table.read_bytes())
     assert len(rebuilt.entries) == 3000 and rebuilt.ram_size == RAM
@@ -123,15 +123,15 @@ def test_a_broken_pull_resumes_from_its_journal(
     assert partial is not None and 0 < partial["runs_done"] < partial["runs"]
     stats = recovery.pull_vm(_initiator(), exports, dest)
     assert stats.resumed_runs == partial["runs_done"]
-    assert np.array_equal(_read(recovery.PulledFiles(dest, VM).ram), image)
+    assert np.array_equal(_read(recovery.VmFiles(dest, VM).ram), image)
     recovery.abort_pull(dest, VM)
-    assert not any(p.exists() for p in recovery.PulledFiles(dest, VM).all())
+    assert not any(p.exists() for p in recovery.VmFiles(dest, VM).pulled())
 
 
 def test_a_page_changed_after_the_freeze_fails_its_hash(
         served: tuple[dict[str, Any], Path, np.ndarray[Any, Any]], tmp_path: Path) -> None:
     exports, mem, _image = served
-    files = recovery.FrozenFiles(recovery.frozen_dir(mem), VM)
+    files = recovery.VmFiles(recovery.frozen_dir(mem), VM)
     victim = int(pt.parse(files.table.read_bytes()).entries["offset"][1234])
     with open(files.ram, "r+b") as f:
         f.seek(victim + 100)
@@ -151,4 +151,4 @@ def test_a_wrong_key_is_refused_by_the_target(
     with pytest.raises(TransportError, match="remote READ"):
         recovery.pull_vm(_initiator(), bad, tmp_path / "dest")
     # Nothing landed: the destination RAM file holds no data.
-    assert not _read(recovery.PulledFiles(tmp_path / "dest", VM).ram).any()
+    assert not _read(recovery.VmFiles(tmp_path / "dest", VM).ram).any()
