@@ -155,6 +155,13 @@ class DeviceType(StrEnum):
     RNG = "virtio-rng"
     BLK = "virtio-blk"
     NET = "virtio-net"
+    #: virtio-blk served by hvtools' own vhost-user backend (hvtools.vhost.blk), which logs
+    #: the guest memory it writes (issue 6).
+    VHOST_USER_BLK = "vhost-user-blk"
+
+    @property
+    def takes_path(self) -> bool:
+        return self in (DeviceType.BLK, DeviceType.VHOST_USER_BLK)
 
 
 @dataclass(frozen=True)
@@ -167,10 +174,16 @@ class DeviceSpec:
     iommu_platform: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.type is DeviceType.BLK and not self.path:
-            raise SpecError(f"devices.{self.id}.path", "virtio-blk needs a backing file path")
-        if self.type is not DeviceType.BLK and self.path:
+        if self.type.takes_path and not self.path:
+            raise SpecError(f"devices.{self.id}.path", f"{self.type} needs a backing file path")
+        if not self.type.takes_path and self.path:
             raise SpecError(f"devices.{self.id}.path", f"{self.type} takes no path")
+        if self.type is DeviceType.VHOST_USER_BLK and self.iommu_platform:
+            # Behind a vIOMMU a vhost-user backend must translate IOVAs itself
+            # (VHOST_USER_PROTOCOL_F_IOTLB, vhost-user.rst "IOMMU support"): not implemented.
+            raise SpecError(f"devices.{self.id}.iommu_platform",
+                            "vhost-user-blk does its DMA by guest-physical address "
+                            "(the backend has no IOTLB support)")
         if not _NAME_RE.match(self.id):
             raise SpecError("devices.id", f"{self.id!r} is not a valid device id")
 
@@ -243,7 +256,7 @@ class VmSpec:
     def device_iommu_platform(self, dev: DeviceSpec) -> bool:
         """Whether a virtio device does its DMA through the vIOMMU."""
         if dev.iommu_platform is None:
-            return self.iommu is not None
+            return self.iommu is not None and dev.type is not DeviceType.VHOST_USER_BLK
         if dev.iommu_platform and self.iommu is None:
             raise SpecError(f"devices.{dev.id}.iommu_platform", "needs a vIOMMU (iommu = none)")
         return dev.iommu_platform
@@ -325,8 +338,8 @@ def _device_from(value: Any, index: int) -> DeviceSpec:
         known = ", ".join(t.value for t in DeviceType)
         raise SpecError(f"devices[{index}].type",
                         f"unknown device {kind!r} (known: {known})") from None
-    dev_id = _expect(data.get("id", f"{dtype.value.split('-')[1]}{index}"), str,
-                     f"devices[{index}].id")
+    short = "vub" if dtype is DeviceType.VHOST_USER_BLK else dtype.value.split("-")[1]
+    dev_id = _expect(data.get("id", f"{short}{index}"), str, f"devices[{index}].id")
     path = data.get("path")
     iop = data.get("iommu_platform")
     return DeviceSpec(
@@ -445,6 +458,8 @@ class LaunchPlan:
     agent_socket: Path
     console_log: Path
     qmp_socket: Path | None = None  # qemu driver only; libvirt owns the monitor
+    #: vhost-user sockets by device id (the backends hvtools starts listen there)
+    vhost_sockets: dict[str, Path] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.accel is Accel.AUTO:

@@ -132,7 +132,8 @@ def spec_options(f: F) -> F:
                      "guest runs under it)."),
         click.option("--kernel-args", help="Extra guest kernel arguments, space separated."),
         click.option("--device", "devices", multiple=True,
-                     help="virtio-rng | virtio-net | virtio-blk:PATH (repeatable)."),
+                     help="virtio-rng | virtio-net | virtio-blk:PATH | vhost-user-blk:PATH "
+                     "(repeatable)."),
         click.option("--ivshmem", "ivshmem", multiple=True,
                      help="NAME:SIZE shared-memory region at /dev/shm/NAME (repeatable)."),
     ]

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hvtools import paths
+from hvtools.control import vhost_backends
 from hvtools.control.accel import resolve_accel
 from hvtools.control.driver import (
     Driver,
@@ -296,8 +297,14 @@ class QemuDriver(Driver):
             accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
             kernel, initrd = preflight(spec)
             ram = host_ram_path(host.memory_dir, name) if host else default_ram_path(name)
+            paths = self._plan_paths(d, name, ram)
             plan = LaunchPlan(accel=accel, kernel=kernel, initrd=initrd,
-                              **self._plan_paths(d, name, ram))
+                              agent_socket=paths["agent_socket"],
+                              qmp_socket=paths["qmp_socket"],
+                              console_log=paths["console_log"], ram_path=paths["ram_path"],
+                              vhost_sockets=vhost_backends.sockets(d, spec))
+            for sock in plan.vhost_sockets.values():
+                check_socket_path(sock)
             self._clean_runtime(d, name, keep_ram=options.keep_ram)
             for region in spec.ivshmem:
                 if region.path.exists() and not os.access(region.path, os.W_OK):
@@ -318,6 +325,9 @@ class QemuDriver(Driver):
             where = f" on {host.name}" if host else ""
             progress(f"{name}: launching QEMU {qemu.version_str} ({accel}){where}")
             sup_argv = [sys.executable, "-m", "hvtools.qemu.supervisor", str(d)]
+            if plan.vhost_sockets:
+                progress(f"{name}: starting {len(plan.vhost_sockets)} vhost-user backend(s)")
+                vhost_backends.start(d, spec)
             with open(d / "qemu.log", "ab") as log:
                 if host is not None:
                     # Supervisor and QEMU both live in the host's network namespace.
@@ -389,6 +399,7 @@ class QemuDriver(Driver):
         for f in _RUNTIME_FILES:
             with contextlib.suppress(FileNotFoundError):
                 (d / f).unlink()
+        vhost_backends.stop(d)
         if not keep_ram:
             with contextlib.suppress(FileNotFoundError):
                 _recorded_ram_path(d, name).unlink()

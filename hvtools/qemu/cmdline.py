@@ -45,7 +45,7 @@ def _virtio(driver: str, dev_id: str, platform: bool, extra: str = "") -> str:
     return ",".join(parts)
 
 
-def _device_args(spec: VmSpec, dev: DeviceSpec) -> list[str]:
+def _device_args(spec: VmSpec, plan: LaunchPlan, dev: DeviceSpec) -> list[str]:
     platform = spec.device_iommu_platform(dev)
     if dev.type is DeviceType.RNG:
         return ["-object", f"rng-random,id={dev.id}-rng,filename=/dev/urandom",
@@ -54,6 +54,13 @@ def _device_args(spec: VmSpec, dev: DeviceSpec) -> list[str]:
         return ["-blockdev", f"driver=file,node-name={dev.id}-file,filename={opt(dev.path)}",
                 "-blockdev", f"driver=raw,node-name={dev.id}-fmt,file={dev.id}-file",
                 "-device", _virtio("virtio-blk-pci", dev.id, platform, f"drive={dev.id}-fmt")]
+    if dev.type is DeviceType.VHOST_USER_BLK:
+        # QEMU connects to the backend as a client and reconnects when it restarts
+        # (docs/interop/vhost-user.rst; chardev socket reconnect-ms).
+        sock = plan.vhost_sockets[dev.id]
+        return ["-chardev", f"socket,id={dev.id}-vu,path={opt(sock)},reconnect-ms=1000",
+                "-device", _virtio("vhost-user-blk-pci", dev.id, platform,
+                                   f"chardev={dev.id}-vu,num-queues=1")]
     # virtio-net with no backend traffic leaving the VM: a user-mode netdev with restrict=on.
     return ["-netdev", f"user,id={dev.id}-net,restrict=on",
             "-device", _virtio("virtio-net-pci", dev.id, platform, f"netdev={dev.id}-net")]
@@ -92,7 +99,7 @@ def render_argv(spec: VmSpec, plan: LaunchPlan, *, qemu: str = "qemu-system-x86_
         "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT}",
     ]
     for dev in spec.devices:
-        argv += _device_args(spec, dev)
+        argv += _device_args(spec, plan, dev)
     for region in spec.ivshmem:
         argv += ["-object", (f"memory-backend-file,id=shm-{region.name},"
                              f"size={format_size(region.size)},mem-path={opt(region.path)},share=on"),

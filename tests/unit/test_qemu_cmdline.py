@@ -11,7 +11,8 @@ from hvtools.spec import Accel, LaunchPlan, VmSpec, spec_from_mapping
 
 PLAN = LaunchPlan(accel=Accel.TCG, kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd"),
                   ram_path=Path("/dev/shm/hvtools/t.ram"), agent_socket=Path("/s/agent.sock"),
-                  console_log=Path("/s/console.log"), qmp_socket=Path("/s/qmp.sock"))
+                  console_log=Path("/s/console.log"), qmp_socket=Path("/s/qmp.sock"),
+                  vhost_sockets={"vub0": Path("/s/vub-vub0.sock")})
 
 CASES: dict[str, dict[str, object]] = {
     "default": {"name": "t1"},
@@ -22,6 +23,8 @@ CASES: dict[str, dict[str, object]] = {
                 "devices": [{"type": "virtio-rng"}, {"type": "virtio-blk", "path": "/d.img"},
                             {"type": "virtio-net", "iommu_platform": False}],
                 "ivshmem": [{"name": "shm0", "size": "4M"}]},
+    "vhost": {"name": "t5", "memory": "512M",
+              "devices": [{"type": "vhost-user-blk", "path": "/disk.img"}]},
 }
 
 
@@ -80,3 +83,19 @@ def test_commas_in_paths_are_escaped() -> None:
     spec = spec_from_mapping({"name": "c", "devices": [{"type": "virtio-blk", "path": "/a,b.img"}]})
     argv = render_argv(spec, PLAN)
     assert "driver=file,node-name=blk0-file,filename=/a,,b.img" in argv
+
+
+def test_vhost_user_blk_reaches_its_backend_by_guest_physical_address() -> None:
+    argv = render_argv(_spec("vhost"), PLAN)
+    d = _device(argv, "vhost-user-blk-pci")
+    assert d["chardev"] == "vub0-vu" and d["num-queues"] == "1"
+    assert "iommu_platform" not in d  # no IOTLB in the backend: DMA by GPA
+    assert "socket,id=vub0-vu,path=/s/vub-vub0.sock,reconnect-ms=1000" in argv
+
+
+def test_vhost_user_blk_behind_the_viommu_is_refused() -> None:
+    from hvtools.errors import SpecError
+
+    with pytest.raises(SpecError, match="no IOTLB"):
+        spec_from_mapping({"name": "t6", "devices": [
+            {"type": "vhost-user-blk", "path": "/d", "iommu_platform": True}]})
