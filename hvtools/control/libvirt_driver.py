@@ -47,6 +47,7 @@ import libvirt
 import libvirt_qemu
 
 from hvtools import paths
+from hvtools.control import vhost_backends
 from hvtools.control.accel import resolve_accel
 from hvtools.control.driver import (
     Driver,
@@ -352,7 +353,8 @@ class LibvirtDriver(Driver):
                    else where.root / MEMORY_BACKING_DIR.relative_to("/"))
         return LaunchPlan(accel=accel, kernel=kernel, initrd=initrd,
                           ram_path=backing / spec.name, agent_socket=agent,
-                          console_log=d / "console.log")
+                          console_log=d / "console.log",
+                          vhost_sockets=vhost_backends.sockets(d, spec))
 
     # -- Driver primitives --------------------------------------------------------------------
     def create(self, spec: VmSpec) -> VmInfo:
@@ -395,6 +397,8 @@ class LibvirtDriver(Driver):
         except libvirt.libvirtError as err:
             raise libvirt_error(err, f"undefining domain {name!r}") from err
         self._remove_ivshmem(state_dir(name))
+        if vm.agent_socket is not None:
+            vhost_backends.stop(vm.agent_socket.parent)
         if vm.state_dir is not None and vm.state_dir.name == name:
             shutil.rmtree(vm.state_dir, ignore_errors=True)
         shutil.rmtree(state_dir(name), ignore_errors=True)
@@ -527,6 +531,10 @@ class LibvirtDriver(Driver):
             except libvirt.libvirtError as err:
                 raise libvirt_error(err, f"redefining domain {name!r} for launch") from err
             on = f" on {where.host}" if where.host else ""
+            if plan.vhost_sockets:
+                # libvirt connects QEMU to vhost-user backends; starting them is ours.
+                progress(f"{name}: starting {len(plan.vhost_sockets)} vhost-user backend(s)")
+                vhost_backends.start(plan.agent_socket.parent, spec)
             progress(f"{name}: starting libvirt domain on QEMU {qemu.version_str} ({accel}){on}")
             root = where.root
             since = log_size(name, root)
@@ -612,6 +620,7 @@ class LibvirtDriver(Driver):
                 dom.destroy()
         if agent_socket is not None:
             agent_socket.unlink(missing_ok=True)
+            vhost_backends.stop(agent_socket.parent)
 
     def _process_alive(self, name: str) -> bool:
         try:

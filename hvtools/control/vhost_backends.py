@@ -73,6 +73,7 @@ def _alive_backend(pidfile: Path) -> int | None:
 
 def start(state_dir: Path, spec: VmSpec, *, dirty_log: bool = True) -> list[int]:
     """Start one backend per vhost-user device; return once each listens."""
+    stop(state_dir)  # a backend a powered-off guest left
     pids: list[int] = []
     try:
         for dev in spec.devices:

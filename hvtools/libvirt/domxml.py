@@ -139,7 +139,7 @@ def _override(root: ET.Element, spec: VmSpec) -> None:
         _sub(frontend, _q("property"), name=prop, type="bool", value=str(value).lower())
 
 
-def _device(devices: ET.Element, spec: VmSpec, dev: DeviceSpec) -> None:
+def _device(devices: ET.Element, spec: VmSpec, plan: LaunchPlan, dev: DeviceSpec) -> None:
     """One virtio device (formatdomain: "Random number generator device", "Hard drives,
     floppy disks, CDROMs", "Network interfaces": userspace connection)."""
     platform = spec.device_iommu_platform(dev)
@@ -148,6 +148,13 @@ def _device(devices: ET.Element, spec: VmSpec, dev: DeviceSpec) -> None:
         el = _sub(devices, "rng", model=model)
         _sub(el, "backend", "/dev/urandom", model="random")
         _driver_iommu(el, platform)
+    elif dev.type is DeviceType.VHOST_USER_BLK:
+        # formatdomain "Hard drives": type='vhostuser'; QEMU is the client and reconnects.
+        el = _sub(devices, "disk", type="vhostuser", device="disk", model=model)
+        _sub(el, "driver", name="qemu", type="raw")
+        src = _sub(el, "source", type="unix", path=str(plan.vhost_sockets[dev.id]))
+        _sub(src, "reconnect", enabled="yes", timeout="1")
+        _sub(el, "target", dev=_disk_name(spec, dev), bus="virtio")
     elif dev.type is DeviceType.BLK:
         assert dev.path is not None
         el = _sub(devices, "disk", type="file", device="disk", model=model)
@@ -165,7 +172,7 @@ def _device(devices: ET.Element, spec: VmSpec, dev: DeviceSpec) -> None:
 
 
 def _disk_name(spec: VmSpec, dev: DeviceSpec) -> str:
-    blks = [d.id for d in spec.devices if d.type is DeviceType.BLK]
+    blks = [d.id for d in spec.devices if d.type.takes_path]
     return "vd" + "abcdefghijklmnopqrstuvwxyz"[blks.index(dev.id)]
 
 
@@ -221,7 +228,7 @@ def render_domain_xml(spec: VmSpec, plan: LaunchPlan, *, emulator: str | None = 
     _sub(channel, "target", type="virtio", name=AGENT_PORT)
     _iommu(devices, spec)
     for dev in spec.devices:
-        _device(devices, spec, dev)
+        _device(devices, spec, plan, dev)
     for region in spec.ivshmem:
         # ivshmem-plain over /dev/shm/<name> (formatdomain, "Shared memory device").
         shmem = _sub(devices, "shmem", name=region.name)

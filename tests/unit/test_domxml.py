@@ -27,7 +27,8 @@ from hvtools.spec import AGENT_PORT, Accel, LaunchPlan, VmSpec, spec_from_mappin
 STATE = Path("/var/lib/hvtools/libvirt/t")
 PLAN = LaunchPlan(accel=Accel.TCG, kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd"),
                   ram_path=Path("/var/lib/libvirt/qemu/ram/t"),
-                  agent_socket=STATE / "agent.sock", console_log=STATE / "console.log")
+                  agent_socket=STATE / "agent.sock", console_log=STATE / "console.log",
+                  vhost_sockets={"vub0": STATE / "vub-vub0.sock"})
 KVM_PLAN = LaunchPlan(accel=Accel.KVM, kernel=PLAN.kernel, initrd=PLAN.initrd,
                       ram_path=PLAN.ram_path, agent_socket=PLAN.agent_socket,
                       console_log=PLAN.console_log)
@@ -43,6 +44,8 @@ CASES: dict[str, dict[str, object]] = {
                 "ivshmem": [{"name": "shm0", "size": "4M"}]},
     "kvm": {"name": "t5", "accel": "kvm", "iommu": "scalable,device-iotlb,no-intremap",
             "cpu": "EPYC", "devices": [{"type": "virtio-net"}, {"type": "virtio-net"}]},
+    "vhost": {"name": "t6", "memory": "512M",
+              "devices": [{"type": "vhost-user-blk", "path": "/disk.img"}]},
 }
 Q = f"{{{QEMU_NS}}}"
 
@@ -224,3 +227,17 @@ def test_metadata_is_the_spec_mapping() -> None:
     el = _root("devices").find(f"metadata/{{{HVTOOLS_NS}}}vm/{{{HVTOOLS_NS}}}spec")
     assert el is not None and el.get("format") == "json"
     assert json.loads(el.text or "") == spec.to_mapping()
+
+
+def test_vhost_user_blk_disk_names_the_backend_socket() -> None:
+    root = ET.fromstring(_render("vhost"))
+    disk = root.find("devices/disk[@type='vhostuser']")
+    assert disk is not None
+    src = disk.find("source")
+    assert src is not None and src.get("type") == "unix"
+    assert src.get("path") == str(STATE / "vub-vub0.sock")
+    target = disk.find("target")
+    assert target is not None and target.get("dev") == "vda" and target.get("bus") == "virtio"
+    # vhost-user needs guest RAM the backend can map: shared memory backing.
+    access = root.find("memoryBacking/access")
+    assert access is not None and access.get("mode") == "shared"
