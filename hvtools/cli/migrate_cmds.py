@@ -73,10 +73,13 @@ def register(main: click.Group) -> None:
                   help="QEMU max-bandwidth, bytes/s with K/M/G (e.g. 500M).")
     @click.option("--stall-timeout", type=float, default=10.0, show_default=True,
                   help="Cancel when no byte moves for this many seconds.")
+    @click.option("--verify", is_flag=True,
+                  help="Hold the destination paused at completion and compare every guest "
+                  "page of both sides before it runs (qemu driver).")
     @json_option
     def migrate_cmd(name: str, to: str, transport: str, postcopy: bool,
                     max_downtime: int | None, bandwidth: str | None, stall_timeout: float,
-                    as_json: bool) -> None:
+                    verify: bool, as_json: bool) -> None:
         """Live-migrate VM NAME to lab host --to with QEMU's own migration."""
         from hvtools.migration import live
         from hvtools.migration.orchestrate import migrate_live
@@ -92,7 +95,7 @@ def register(main: click.Group) -> None:
                        f"{_mib(p.dirty_rate)}/s | expected downtime {dd}")
 
             res = migrate_live(name, to, transport=transport, opts=opts,
-                               on_progress=on_progress,
+                               on_progress=on_progress, verify=verify,
                                say=_say(as_json))
         if as_json:
             _emit_json(res.to_json())
@@ -112,6 +115,8 @@ def register(main: click.Group) -> None:
         t.add_row("dirty-sync iterations", str(r.iterations))
         t.add_row("dirty rate before", f"{_mib(res.dirty_rate)}/s")
         t.add_row("destination start", f"{res.destination_start_ms} ms")
+        if res.verified is not None:
+            t.add_row("verified", f"all {res.verified['pages']} guest pages identical")
         out.print(t)
 
     @main.group("host")

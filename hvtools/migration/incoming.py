@@ -48,7 +48,9 @@ def discard_record(driver: QemuDriver, rec: str) -> None:
         driver.undefine(rec)
 
 
-def start(driver: QemuDriver, name: str, host: str) -> Incoming:
+def start(driver: QemuDriver, name: str, host: str, *, hold: bool = False) -> Incoming:
+    """The destination record on ``host``, waiting for the stream; ``hold`` keeps it paused
+    after the migration completes (``-S``), for a check before it runs."""
     vm = driver.info(name)
     for old in records(driver, name):  # leftovers of an interrupted run
         discard_record(driver, old)
@@ -60,7 +62,8 @@ def start(driver: QemuDriver, name: str, host: str) -> Incoming:
                                f"record is {rec!r}): {err}") from err
     driver.create(spec)
     try:
-        info, _ = driver.start(rec, host=host, extra_args=("-incoming", "defer"),
+        info, _ = driver.start(rec, host=host,
+                               extra_args=("-incoming", "defer", *(("-S",) if hold else ())),
                                wait_agent=False)
     except BaseException:
         discard_record(driver, rec)

@@ -66,6 +66,7 @@ class Options:
     stall_timeout: float = 10.0       # cancel when no byte moves for this long (a cut link)
     timeout: float = 600.0            # whole-migration bound
     postcopy_after_s: float = 0.0     # switch to postcopy this long after the first pass starts
+    hold_destination: bool = False    # the destination runs -S: it stays paused at completion
 
 
 @dataclass
@@ -302,11 +303,15 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
         if MigrationStatus(p.status) is not MigrationStatus.COMPLETED:
             detail = info.get("error-desc", p.status)
             raise MigrationError(f"QEMU migration {p.status}: {detail}")
-        # The destination resumes on its own (the source was running); wait for it.
+        # The destination resumes on its own (the source was running), unless it is held
+        # (-S) for a check before it runs; wait for it either way.
+        want = ("paused", "prelaunch", "postmigrate") if opts.hold_destination else ("running",)
         deadline = time.monotonic() + 30
-        while (await dst.run("query-status"))["status"] != "running":
+        while (await dst.run("query-status"))["status"] not in want:
             if time.monotonic() > deadline:
-                raise MigrationError(f"the destination on {destination} did not resume")
+                raise MigrationError(f"the destination on {destination} did not "
+                                     + ("finish loading" if opts.hold_destination
+                                        else "resume"))
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.05)  # let the RESUME event arrive
         stop = src.first_event("STOP", t0)

@@ -12,6 +12,7 @@ the destination, and leaves the source VM running (live) or the failed host's me
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from typing import Any
 
 from hvtools.control.driver import VmInfo, VmState
 from hvtools.control.drivers import find_driver
-from hvtools.control.qemu_driver import QemuDriver, host_ram_path
+from hvtools.control.qemu_driver import QemuDriver, host_ram_path, ram_path
 from hvtools.errors import (
     HostDownError,
     HvError,
@@ -31,6 +32,7 @@ from hvtools.errors import (
 )
 from hvtools.lab.hosts import HostHandle, Lab, load_lab
 from hvtools.migration import incoming, live, recovery
+from hvtools.migration.verify import VerifyFailed, compare_ram
 from hvtools.spec import VmSpec
 
 Say = Callable[[str], None]
@@ -91,20 +93,28 @@ class LiveResult:
     dirty_rate: int
     destination_start_ms: float
     switchover_ms: float
+    verified: dict[str, Any] | None = None  # the page comparison of --verify
 
     def to_json(self) -> dict[str, Any]:
         out = self.report.to_json()
         out.update(destination_start_ms=self.destination_start_ms,
-                   switchover_ms=self.switchover_ms)
+                   switchover_ms=self.switchover_ms, verified=self.verified)
         return out
 
 
 def migrate_live(name: str, to: str, *, transport: str = "tcp",
                  opts: live.Options | None = None,
                  on_progress: Callable[[live.Progress], None] = lambda _p: None,
-                 say: Say = _quiet, driver: QemuDriver | None = None) -> LiveResult:
+                 say: Say = _quiet, driver: QemuDriver | None = None,
+                 verify: bool = False) -> LiveResult:
+    """Live-migrate ``name`` to host ``to``. ``verify`` (qemu driver): hold the destination
+    paused at completion, compare every guest page of both RAM files, and run it only if they
+    are identical; otherwise resume the source and remove the destination (VerifyFailed)."""
     opts = opts or live.Options()
     if driver is None and find_driver(name).name == "libvirt":
+        if verify:
+            raise UsageError("--verify needs the qemu driver (libvirt resumes the destination "
+                             "itself)")
         # libvirt's own migration API between the two hosts' daemons.
         from hvtools.migration.libvirt_live import migrate_libvirt
 
@@ -139,11 +149,25 @@ def migrate_live(name: str, to: str, *, transport: str = "tcp",
     uri = f"{scheme}:{dst.address}:{MIGRATION_PORT}"
     say(f"starting the destination on {to}")
     t0 = time.monotonic()
-    dest = incoming.start(driver, name, host=f"{p.lab.name}/{to}")
+    dest = incoming.start(driver, name, host=f"{p.lab.name}/{to}", hold=verify)
     t_dst = (time.monotonic() - t0) * 1000
+    if verify:
+        opts = dataclasses.replace(opts, hold_destination=True)
+    comparison = None
     try:
         report = live.migrate(name, p.source.name, to, src_qmp, dest.qmp_socket, uri, opts,
                               on_progress, rate)
+        if verify:
+            say(f"comparing every page of {name}'s RAM on {p.source.name} and {to}")
+            comparison = compare_ram(ram_path(name), ram_path(dest.record))
+            if comparison.differing:
+                driver.qmp(name, "cont")  # the source's memory is the guest's true state
+                raise VerifyFailed(
+                    f"{len(comparison.differing)} of {comparison.pages} guest pages differ "
+                    f"between {p.source.name} and {to} after the migration (first at GPA "
+                    f"{comparison.differing[0]:#x}); {name} runs on {p.source.name}",
+                    comparison.differing)
+            driver.qmp(dest.record, "cont")
     except live.SplitMigration:
         raise  # both sides hold part of the guest: keep both (see live.SplitMigration)
     except BaseException:
@@ -151,7 +175,8 @@ def migrate_live(name: str, to: str, *, transport: str = "tcp",
         raise
     t1 = time.monotonic()
     incoming.adopt(driver, dest)
-    return LiveResult(report, rate, round(t_dst, 1), round((time.monotonic() - t1) * 1000, 1))
+    return LiveResult(report, rate, round(t_dst, 1), round((time.monotonic() - t1) * 1000, 1),
+                      comparison.to_json() if comparison is not None else None)
 
 
 # -- host failure and recovery ------------------------------------------------------------------
