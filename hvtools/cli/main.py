@@ -517,6 +517,10 @@ from hvtools.cli.migrate_cmds import register as register_migrate_cmds  # noqa: 
 
 register_migrate_cmds(main)
 
+from hvtools.cli.dirty_cmds import register as register_dirty_cmds  # noqa: E402
+
+register_dirty_cmds(main)
+
 from hvtools.cli.bench_cmds import register as register_bench_cmds  # noqa: E402
 
 register_bench_cmds(main)
