@@ -159,3 +159,10 @@ class TransportError(HvError):
 
 class NoRdmaDeviceError(DependencyError):
     """The verbs backend needs an RDMA device (an HCA, RoCE NIC, rxe or siw) and there is none."""
+
+
+# -- vhost-user device backends (hvtools.vhost) -----------------------------------------------
+class VhostError(HvError):
+    """A vhost-user peer broke the protocol (vhost-user.rst): a malformed or unexpected message,
+    a bad fd count, a memory table or log the backend cannot map. The backend refuses the
+    message and drops that connection; it never crashes."""
