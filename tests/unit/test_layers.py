@@ -12,6 +12,7 @@ from hvtools import bits
 
 HVTOOLS = Path(bits.__file__).parent
 PURE_FILES = [*sorted((HVTOOLS / "mmu").glob("*.py")), *sorted((HVTOOLS / "iommu").glob("*.py")),
+              *sorted((HVTOOLS / "tracking").glob("*.py")),
               HVTOOLS / "bits.py", HVTOOLS / "addr.py", HVTOOLS / "translation.py",
               HVTOOLS / "memory" / "protocol.py", HVTOOLS / "memory" / "buffer.py"]
 #: What a PURE module may import from hvtools (ARCHITECTURE.md "Layers").
