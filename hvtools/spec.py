@@ -164,6 +164,11 @@ class DeviceType(StrEnum):
         return self in (DeviceType.BLK, DeviceType.VHOST_USER_BLK)
 
 
+#: Guest kernel modules the cloud kernel needs for a device (virtio-rng and virtio-net are
+#: built in or not needed for hvtools' own use).
+_GUEST_MODULE = {DeviceType.BLK: "virtio_blk", DeviceType.VHOST_USER_BLK: "virtio_blk"}
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """One virtio device. ``iommu_platform=None`` follows the VM: on whenever a vIOMMU exists."""
@@ -271,6 +276,10 @@ class VmSpec:
             # Linux intel-iommu: "on" enables DMA remapping, "sm_on" scalable mode
             # (Documentation/admin-guide/kernel-parameters.txt, intel_iommu=).
             args.append("intel_iommu=on,sm_on" if self.iommu.scalable_mode else "intel_iommu=on")
+        # The guest's drivers for the spec's devices (the image's init modprobes them).
+        mods = sorted({_GUEST_MODULE[d.type] for d in self.devices if d.type in _GUEST_MODULE})
+        if mods and not any(a.startswith("hvtools.modules=") for a in self.kernel_args):
+            args.append("hvtools.modules=" + ",".join(mods))
         return (*args, *self.kernel_args)
 
     def to_mapping(self) -> dict[str, Any]:
