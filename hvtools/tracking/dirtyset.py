@@ -27,7 +27,8 @@ Thresholds, and why (``n`` = dirty pages, ``P`` = pages in the region):
 * **BITMAP -> FULL when n == P** (exact; G1 coarsens a howl to Full at a percentage, which is
   lossy). A dirty set must report exactly the pages written: over-reporting is safe for
   migration but costs bandwidth, and callers (and the tests) rely on exact contents. FULL costs
-  nothing to keep, and its harvest is ``arange(P)``: ~5-20x faster than unpacking a full bitmap.
+  nothing to keep, and its harvest is ``arange(P)``: ~2x faster than unpacking a full bitmap
+  (bench/dirty_sets.py: 0.08 against 0.18 ms for 1 GiB, 2.1 against 4.5 ms for 16 GiB).
 * **After a harvest** the set is empty and starts the next round in the representation the
   round just harvested predicts (the last round's density is the best measurement of the next
   one's): FULL -> BITMAP; BITMAP -> SPARSE when the harvest held ``n <= P/128`` pages, else it
