@@ -8,7 +8,9 @@ and for failures of real things. Every one derives from :class:`HvError`::
      |    +-- SpecError        a VM spec that does not validate
      |    +-- NameInUseError   a VM name that already exists
      |    +-- UnknownVmError   a VM name that does not exist
+     |    +-- UnknownHostError a lab host (or lab) that does not exist
      +-- StateError            an operation called in a state that does not allow it
+     |    +-- HostDownError    a lab host whose agent does not answer
      +-- DependencyError       a binary, package or service that is missing or too old
      +-- ImageError            building or finding the guest image failed
      +-- VmError               a real VM misbehaved
@@ -17,6 +19,15 @@ and for failures of real things. Every one derives from :class:`HvError`::
      |    +-- QmpError         a QMP command failed (carries the command and the reply)
      +-- AgentError            the guest agent did not answer or broke the protocol
      +-- HvTimeout             a bounded wait ran out
+     +-- LabError              building, probing or tearing down a lab failed
+     +-- RemoteCallError       a host agent's method raised (carries host, method, type)
+     +-- TransportError        a one-sided transfer failed (rejected by the target, peer gone)
+     |    +-- NoRdmaDeviceError the verbs backend needs an RDMA device and there is none
+     +-- MigrationError        a migration or recovery failed; the source is intact
+     |    +-- MigrationRefused a migration that cannot start (also a UsageError)
+     |    +-- SplitMigration   failed past the switch-over: both sides kept paused
+     |    +-- VerifyFailed     guest pages differ after a migration (--verify)
+     +-- VhostError            a vhost-user peer broke the protocol (the backend refuses it)
 
 A wrapping error keeps its cause (``raise ... from err``). ``KeyboardInterrupt`` and
 ``asyncio.CancelledError`` are never wrapped.
