@@ -12,6 +12,7 @@ and for failures of real things. Every one derives from :class:`HvError`::
      +-- StateError            an operation called in a state that does not allow it
      |    +-- HostDownError    a lab host whose agent does not answer
      +-- DependencyError       a binary, package or service that is missing or too old
+     |    +-- NoRdmaDeviceError the verbs backend needs an RDMA device and there is none
      +-- ImageError            building or finding the guest image failed
      +-- VmError               a real VM misbehaved
      |    +-- VmLaunchFailure  QEMU / libvirt did not start the guest (carries command, log)
@@ -22,7 +23,6 @@ and for failures of real things. Every one derives from :class:`HvError`::
      +-- LabError              building, probing or tearing down a lab failed
      +-- RemoteCallError       a host agent's method raised (carries host, method, type)
      +-- TransportError        a one-sided transfer failed (rejected by the target, peer gone)
-     |    +-- NoRdmaDeviceError the verbs backend needs an RDMA device and there is none
      +-- MigrationError        a migration or recovery failed; the source is intact
      |    +-- MigrationRefused a migration that cannot start (also a UsageError)
      |    +-- SplitMigration   failed past the switch-over: both sides kept paused
