@@ -115,6 +115,10 @@ def register(main: click.Group) -> None:
         t.add_row("dirty-sync iterations", str(r.iterations))
         t.add_row("dirty rate before", f"{_mib(res.dirty_rate)}/s")
         t.add_row("destination start", f"{res.destination_start_ms} ms")
+        if r.device_log is not None:
+            t.add_row("device-written pages per iteration (own log)",
+                      " ".join(map(str, r.device_log["pages_per_iteration"]))
+                      + f" ({r.device_log['distinct_pages']} distinct)")
         if res.verified is not None:
             t.add_row("verified", f"all {res.verified['pages']} guest pages identical")
         out.print(t)

@@ -104,6 +104,8 @@ class Report:
     dirty_rate_before: int | None = None  # bytes/s from calc-dirty-rate
     postcopy: bool = False
     statuses: list[str] = field(default_factory=list)
+    #: the devices' own dirty logs, transferred at each iteration (hvtools.migration.device_log)
+    device_log: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -231,7 +233,7 @@ async def _caps(s: _Session, caps: dict[str, bool]) -> None:
 
 async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_sock: Path,
                    listen_uri: str, opts: Options, on_progress: Callable[[Progress], None],
-                   dirty_rate: int | None) -> Report:
+                   dirty_rate: int | None, on_iteration: Callable[[], Any] | None) -> Report:
     src, dst = _Session("source", src_sock), _Session("destination", dst_sock)
     await src.open()
     # Set once the guest's newest state may live on the destination alone (post-copy started,
@@ -271,6 +273,7 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
         await src.run("migrate", {"uri": listen_uri})
         statuses: list[str] = []
         last_moved, last_bytes = time.monotonic(), -1
+        iterations_seen = 0
         switched = False
         start = time.monotonic()
         info: dict[str, Any] = {}
@@ -279,6 +282,9 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
             p = _progress(info)
             if not statuses or statuses[-1] != p.status:
                 statuses.append(p.status)
+            if on_iteration is not None and p.iteration > iterations_seen:
+                iterations_seen = p.iteration  # QEMU synced its bitmap: transfer the devices'
+                await asyncio.to_thread(on_iteration)
             on_progress(p)
             st = MigrationStatus(p.status)
             if st in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED,
@@ -329,6 +335,8 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
             ram_total_bytes=int(ram.get("total", 0)), pages_sent=sent, pages_resent=resent,
             iterations=int(ram.get("dirty-sync-count", 0)), dirty_rate_before=dirty_rate,
             postcopy=opts.postcopy, statuses=statuses)
+        if on_iteration is not None:
+            await asyncio.to_thread(on_iteration)  # what the last iteration left
     except BaseException as err:
         if point_of_no_return:
             # Resuming the source now would run a stale copy of the guest; killing the
@@ -370,10 +378,15 @@ async def _restore_source(src: _Session) -> None:
 def migrate(vm: str, source: str, destination: str, src_sock: Path, dst_sock: Path,
             listen_uri: str, opts: Options,
             on_progress: Callable[[Progress], None] = lambda _p: None,
-            dirty_rate: int | None = None) -> Report:
-    """Run one migration to completion; raise MigrationError with the source running on failure."""
+            dirty_rate: int | None = None,
+            on_iteration: Callable[[], Any] | None = None) -> Report:
+    """Run one migration to completion; raise MigrationError with the source running on failure.
+
+    ``on_iteration`` runs (in a thread) each time QEMU syncs its dirty bitmap, and once after
+    completion: the place to transfer devices' own logs.
+    """
     return asyncio.run(_migrate(vm, source, destination, src_sock, dst_sock, listen_uri, opts,
-                                on_progress, dirty_rate))
+                                on_progress, dirty_rate, on_iteration))
 
 
 def dirty_rate(socket: Path, calc_time_s: int = 1) -> int:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvtools.control import vhost_backends
 from hvtools.control.driver import VmInfo, VmState
 from hvtools.control.drivers import find_driver
 from hvtools.control.qemu_driver import QemuDriver, host_ram_path, ram_path
@@ -32,6 +33,7 @@ from hvtools.errors import (
 )
 from hvtools.lab.hosts import HostHandle, Lab, load_lab
 from hvtools.migration import incoming, live, recovery
+from hvtools.migration.device_log import DeviceLog
 from hvtools.migration.verify import VerifyFailed, compare_ram
 from hvtools.spec import VmSpec
 
@@ -154,9 +156,14 @@ def migrate_live(name: str, to: str, *, transport: str = "tcp",
     if verify:
         opts = dataclasses.replace(opts, hold_destination=True)
     comparison = None
+    devices = vhost_backends.vhost_devices(p.vm.spec)
+    dlog = DeviceLog({d: vhost_backends.BackendFiles(p.vm.state_dir, d).control
+                      for d in devices}) if devices else None
     try:
         report = live.migrate(name, p.source.name, to, src_qmp, dest.qmp_socket, uri, opts,
-                              on_progress, rate)
+                              on_progress, rate, dlog.harvest if dlog else None)
+        if dlog is not None:
+            report.device_log = dlog.summary()
         if verify:
             say(f"comparing every page of {name}'s RAM on {p.source.name} and {to}")
             comparison = compare_ram(ram_path(name), ram_path(dest.record))

@@ -22,8 +22,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
+from hvtools.tracking import DirtySet
 from hvtools.vhost import _atomic_build
 from hvtools.vhost.virtq import PAGE_SHIFT, GuestMemory
 
@@ -35,16 +34,6 @@ class _Own:
     bits: bytearray
     ptr: Any  # cffi uint64_t * into bits
     nwords: int
-
-
-def _runs(pages: np.ndarray[Any, np.dtype[np.int64]]) -> list[list[int]]:
-    """[[first, count], ...] of consecutive page indexes."""
-    if pages.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [pages.size]))
-    return [[int(pages[s]), int(e - s)] for s, e in zip(starts, ends, strict=True)]
 
 
 class DirtyLog:
@@ -135,11 +124,15 @@ class DirtyLog:
         regions = []
         total = 0
         for gpa, size, bits in snaps:
-            arr = np.unpackbits(np.frombuffer(bytes(bits), dtype=np.uint8), bitorder="little")
-            pages = np.flatnonzero(arr).astype(np.int64)
-            total += int(pages.size)
+            # The snapshot becomes an adaptive dirty set (hvtools.tracking): sparse, bitmap or
+            # full by its density; its runs are what the control channel hands over.
+            pages = max(1, size >> PAGE_SHIFT)
+            dset = DirtySet.from_bitmap(bytes(bits)[:-(-pages // 64) * 8], pages)
+            dirty = len(dset)
+            total += dirty
             regions.append({"gpa": gpa, "size": size, "page_size": 1 << PAGE_SHIFT,
-                            "dirty": int(pages.size), "runs": _runs(pages)})
+                            "dirty": dirty, "representation": str(dset.representation),
+                            "runs": [[f, c] for f, c in dset.harvest_runs()]})
         return {"regions": regions, "total": total}
 
     def close(self) -> None:

@@ -120,6 +120,9 @@ def test_migration_under_device_writes_is_page_exact(vm: str, disk: tuple[Path, 
     rep: dict[str, Any] = json.loads(r.stdout)
     assert rep["verified"]["differing"] == 0 and rep["verified"]["pages"] == 512 * 256
     assert rep["iterations"] >= 2  # the device kept dirtying pages across passes
+    # Its own log was transferred at each iteration and after completion.
+    per = rep["device_log"]["pages_per_iteration"]
+    assert len(per) >= 2 and sum(per) > 0 and rep["device_log"]["distinct_pages"] > 0
     _wait_for_reads(vm, before + 2)
     sums = _sums(vm)
     assert len(sums) > before and set(sums) == {disk[1]}, sums[-5:]
