@@ -36,6 +36,8 @@ bench: image
 	$(PY) bench/batch_translate.py
 	$(PY) bench/transport.py
 	$(PY) bench/recovery.py
+	$(PY) bench/vhost_blk.py
+	$(PY) bench/dirty_sets.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
