@@ -302,8 +302,8 @@ class QemuDriver(Driver):
                               agent_socket=paths["agent_socket"],
                               qmp_socket=paths["qmp_socket"],
                               console_log=paths["console_log"], ram_path=paths["ram_path"],
-                              vhost_sockets=vhost_backends.sockets(d, spec))
-            for sock in plan.vhost_sockets.values():
+                              vhost_sockets=vhost_backends.sockets(d, spec, relative=True))
+            for sock in vhost_backends.sockets(d, spec).values():
                 check_socket_path(sock)
             self._clean_runtime(d, name, keep_ram=options.keep_ram)
             for region in spec.ivshmem:
@@ -325,17 +325,22 @@ class QemuDriver(Driver):
             where = f" on {host.name}" if host else ""
             progress(f"{name}: launching QEMU {qemu.version_str} ({accel}){where}")
             sup_argv = [sys.executable, "-m", "hvtools.qemu.supervisor", str(d)]
-            if plan.vhost_sockets:
-                progress(f"{name}: starting {len(plan.vhost_sockets)} vhost-user backend(s)")
-                vhost_backends.start(d, spec)
-            with open(d / "qemu.log", "ab") as log:
-                if host is not None:
-                    # Supervisor and QEMU both live in the host's network namespace.
-                    sup = host.popen(sup_argv, detach=True, stdout=log, stderr=log)
-                else:
-                    sup = subprocess.Popen(
-                        sup_argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                        start_new_session=True, close_fds=True)
+            try:
+                if plan.vhost_sockets:
+                    progress(f"{name}: starting {len(plan.vhost_sockets)} vhost-user "
+                             "backend(s)")
+                    vhost_backends.start(d, spec)
+                with open(d / "qemu.log", "ab") as log:
+                    if host is not None:
+                        # Supervisor and QEMU both live in the host's network namespace.
+                        sup = host.popen(sup_argv, detach=True, stdout=log, stderr=log)
+                    else:
+                        sup = subprocess.Popen(
+                            sup_argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                            start_new_session=True, close_fds=True)
+            except BaseException:
+                vhost_backends.stop(d)
+                raise
             (d / "supervisor.pid").write_text(f"{sup.pid}\n")
             try:
                 self._wait_qmp(d, sup)

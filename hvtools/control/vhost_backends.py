@@ -58,17 +58,23 @@ def vhost_devices(spec: VmSpec) -> list[str]:
     return [d.id for d in spec.devices if d.type is DeviceType.VHOST_USER_BLK]
 
 
-def sockets(state_dir: Path, spec: VmSpec) -> dict[str, Path]:
-    return {i: BackendFiles(state_dir, i).socket for i in vhost_devices(spec)}
+def sockets(state_dir: Path, spec: VmSpec, *, relative: bool = False) -> dict[str, Path]:
+    """The sockets QEMU connects to. ``relative``: named from the state dir, which is QEMU's
+    working directory under the qemu driver, so a state dir renamed by a migration's
+    switch-over still leads QEMU back to its backend when it reconnects."""
+    out = {i: BackendFiles(state_dir, i).socket for i in vhost_devices(spec)}
+    return {i: Path(p.name) for i, p in out.items()} if relative else out
 
 
 def _alive_backend(pidfile: Path) -> int | None:
+    """The backend's pid if it is alive and works in this state dir (not a reused pid)."""
     try:
         pid = int(pidfile.read_text().strip())
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
     except (OSError, ValueError):
         return None
-    return pid if b"hvtools.vhost.blk" in cmd else None
+    return pid if b"hvtools.vhost.blk" in cmd and cwd == str(pidfile.parent) else None
 
 
 def start(state_dir: Path, spec: VmSpec, *, dirty_log: bool = True) -> list[int]:
@@ -83,13 +89,15 @@ def start(state_dir: Path, spec: VmSpec, *, dirty_log: bool = True) -> list[int]
             f = BackendFiles(state_dir, dev.id)
             for p in (f.socket, f.control):
                 p.unlink(missing_ok=True)
-            argv = [sys.executable, "-m", "hvtools.vhost.blk", "--socket", str(f.socket),
-                    "--disk", dev.path, "--control", str(f.control)]
+            # Relative names from the state dir (its working directory): the sockets follow
+            # the dir when a migration's switch-over renames it.
+            argv = [sys.executable, "-m", "hvtools.vhost.blk", "--socket", f.socket.name,
+                    "--disk", str(Path(dev.path).resolve()), "--control", f.control.name]
             if not dirty_log:
                 argv.append("--no-dirty-log")
             with open(f.log, "ab") as log:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        start_new_session=True, close_fds=True)
+                                        cwd=state_dir, start_new_session=True, close_fds=True)
             f.pidfile.write_text(f"{proc.pid}\n")
             pids.append(proc.pid)
             deadline = time.monotonic() + _READY_TIMEOUT

@@ -325,6 +325,8 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
         measured = (resume - stop) * 1000 if stop is not None and resume is not None else None
         ram = info.get("ram", {})
         sent, resent = pages_resent(ram)
+        if on_iteration is not None:
+            await asyncio.to_thread(on_iteration)  # what the last iteration left
         return Report(
             vm=vm, source=source, destination=destination, uri=listen_uri, status=p.status,
             total_time_ms=int(info.get("total-time", 0)),
@@ -335,8 +337,6 @@ async def _migrate(vm: str, source: str, destination: str, src_sock: Path, dst_s
             ram_total_bytes=int(ram.get("total", 0)), pages_sent=sent, pages_resent=resent,
             iterations=int(ram.get("dirty-sync-count", 0)), dirty_rate_before=dirty_rate,
             postcopy=opts.postcopy, statuses=statuses)
-        if on_iteration is not None:
-            await asyncio.to_thread(on_iteration)  # what the last iteration left
     except BaseException as err:
         if point_of_no_return:
             # Resuming the source now would run a stale copy of the guest; killing the

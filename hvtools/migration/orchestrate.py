@@ -113,7 +113,11 @@ def migrate_live(name: str, to: str, *, transport: str = "tcp",
     paused at completion, compare every guest page of both RAM files, and run it only if they
     are identical; otherwise resume the source and remove the destination (VerifyFailed)."""
     opts = opts or live.Options()
-    if driver is None and find_driver(name).name == "libvirt":
+    if driver is None and (holder := find_driver(name)).name == "libvirt":
+        if vhost_backends.vhost_devices(holder.info(name).spec):
+            raise MigrationRefused(
+                f"{name} has a vhost-user-blk device: libvirt's migration would need hvtools "
+                "to start the destination's backend, which it does not do; use the qemu driver")
         if verify:
             raise UsageError("--verify needs the qemu driver (libvirt resumes the destination "
                              "itself)")

@@ -23,6 +23,20 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _stop_backends() -> None:
+    """QEMU is gone: so is the reason for its vhost-user backends (hvtools.vhost), the ones
+    whose working directory is this state dir (vub-<id>.pid). The driver removes the files."""
+    here = os.getcwd()
+    for pidfile in Path(".").glob("vub-*.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            if (os.readlink(f"/proc/{pid}/cwd") == here
+                    and b"hvtools.vhost.blk" in Path(f"/proc/{pid}/cmdline").read_bytes()):
+                os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            continue
+
+
 def main(state_dir: Path) -> int:
     # Work inside the state dir by relative paths: a state dir renamed while QEMU runs (a live
     # migration's switch-over) keeps its supervisor writing to the right place, and the driver
@@ -47,6 +61,7 @@ def main(state_dir: Path) -> int:
         _write_atomic(state_dir / "qemu.pid", f"{proc.pid}\n")
         signal.pthread_sigmask(signal.SIG_UNBLOCK, forwarded)
         code = proc.wait()
+    _stop_backends()
     _write_atomic(state_dir / "exit.json",
                   json.dumps({"returncode": code, "pid": proc.pid, "time": time.time()}))
     return 0

@@ -263,9 +263,14 @@ class BlkBackend:
                 q.addr = body
                 self._map_ring(q)
             return None
-        assert isinstance(body, int)
-        q = self._queue(body & P.VRING_IDX_MASK)
+        if not isinstance(body, int):
+            raise VhostError(f"{req.name} is not supported by this backend")
         fd = msg.fds[0] if msg.fds else -1
+        try:
+            q = self._queue(body & P.VRING_IDX_MASK)
+        except VhostError:
+            _close(fd)  # refused: the fd was ours to close
+            raise
         if req is P.Request.SET_VRING_KICK:
             self._stop_queue(q)
             _close(q.kick)
@@ -593,7 +598,11 @@ class Server:
                 elif what == "vhost":
                     self._vhost_readable()
                 elif what == "ctl-accept":
-                    c, _ = self.ctl.accept()
+                    try:
+                        c, _ = self.ctl.accept()
+                    except OSError as err:
+                        log.error("control accept failed: %s", err)
+                        continue
                     self._ctl_bufs[c] = b""
                     self.sel.register(c, selectors.EVENT_READ, "ctl")
                 else:
@@ -608,7 +617,11 @@ class Server:
         self.backend.dirty.close()
 
     def _accept(self) -> None:
-        c, _ = self.listener.accept()
+        try:
+            c, _ = self.listener.accept()
+        except OSError as err:  # EMFILE and the like: keep serving what we have
+            log.error("accept failed: %s", err)
+            return
         if self.conn is not None:
             log.warning("refusing a second front-end connection while one is active")
             c.close()
@@ -664,6 +677,12 @@ class Server:
             for fd in fds:
                 _close(fd)
             self._drop_conn(f"socket error: {err}")
+        except Exception as err:  # a message the backend cannot serve must not end it
+            self.backend.counters.errors += 1
+            log.exception("vhost-user message broke the handler; dropping the connection")
+            for fd in fds:
+                _close(fd)
+            self._drop_conn(f"internal error: {type(err).__name__}: {err}")
 
     @property
     def _reply_ack(self) -> bool:

@@ -155,6 +155,7 @@ def rig(image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             "-device", "vhost-user-blk-pci,chardev=vub0,num-queues=1,id=vubdev0"]
     qlog = open(d / "qemu.log", "wb")  # noqa: SIM115
     qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog)
+    r: Rig | None = None
     try:
         agent = wait_for_agent(plan.agent_socket, timeout=180, alive=lambda: qemu.poll() is None)
         r = Rig(d, disk, backend, qemu, agent)
@@ -170,6 +171,8 @@ def rig(image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         qemu.kill()
         qemu.wait()
         backend.stop()
+        if r is not None:  # a test may have replaced the backend (reconnect)
+            r.backend.stop()
         qlog.close()
         shutil.rmtree(d, ignore_errors=True)
 
