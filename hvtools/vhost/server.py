@@ -56,14 +56,19 @@ log = logging.getLogger("hvtools.vhost.blk")
 
 NUM_QUEUES = 1
 SEG_MAX = 126
+#: Largest segment the driver may send (VIRTIO_BLK_F_SIZE_MAX): with SEG_MAX segments a
+#: request stays inside MAX_REQUEST_BYTES, so the driver never builds one we must refuse.
+SIZE_MAX = 64 << 10
 #: Largest request accepted (data bytes + header + status); larger ones fail with IOERR.
 MAX_REQUEST_BYTES = 8 << 20
+assert SIZE_MAX * SEG_MAX + 4096 <= MAX_REQUEST_BYTES
 IOV_MAX = 1024
 DEVICE_ID = b"hvtools-vub"
 
 FEATURES = ((1 << P.VIRTIO_F_VERSION_1) | (1 << P.VHOST_USER_F_PROTOCOL_FEATURES)
             | (1 << P.VHOST_F_LOG_ALL) | (1 << P.VIRTIO_RING_F_INDIRECT_DESC)
-            | (1 << P.VIRTIO_BLK_F_SEG_MAX) | (1 << P.VIRTIO_BLK_F_BLK_SIZE)
+            | (1 << P.VIRTIO_BLK_F_SIZE_MAX) | (1 << P.VIRTIO_BLK_F_SEG_MAX)
+            | (1 << P.VIRTIO_BLK_F_BLK_SIZE)
             | (1 << P.VIRTIO_BLK_F_FLUSH))
 PROTOCOL_FEATURES = ((1 << P.ProtocolFeature.MQ) | (1 << P.ProtocolFeature.LOG_SHMFD)
                      | (1 << P.ProtocolFeature.REPLY_ACK) | (1 << P.ProtocolFeature.CONFIG))
@@ -75,7 +80,8 @@ _OWN_REPLY = frozenset({P.Request.GET_FEATURES, P.Request.GET_PROTOCOL_FEATURES,
 
 def blk_config(capacity_sectors: int) -> bytes:
     """``struct virtio_blk_config`` (virtio 1.2 s5.2.4), padded to 96 bytes."""
-    cfg = struct.pack("<QIIHBBIBBHIBBH", capacity_sectors, 0, SEG_MAX, 0, 0, 0, SECTOR_SIZE,
+    cfg = struct.pack("<QIIHBBIBBHIBBH", capacity_sectors, SIZE_MAX, SEG_MAX, 0, 0, 0,
+                      SECTOR_SIZE,
                       0, 0, 0, 0, 0, 0, NUM_QUEUES)
     return cfg.ljust(96, b"\0")
 
