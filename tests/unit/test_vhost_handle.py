@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -68,14 +69,10 @@ def test_fuzz_handle_raises_only_vhost_error_and_leaks_no_fd(backend: BlkBackend
         # The server's rule: fds of a refused message that the handler did not take are
         # closed by the server; the ones it took are released by disconnect().
         for fd in fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
     backend.disconnect()
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
     assert _open_fds() <= before
