@@ -108,7 +108,9 @@ def test_golden_cases_accepted_by_libvirtd(case: str, conn: libvirt.virConnect,
     spec = spec_from_mapping({**CASES[case], "name": domains.name(f"xml-{case}")})
     plan = LaunchPlan(accel=Accel.TCG, kernel=Path("/img/vmlinuz"), initrd=Path("/img/initrd"),
                       ram_path=Path("/unused"), agent_socket=Path("/tmp/hvtools-x/agent.sock"),
-                      console_log=Path("/tmp/hvtools-x/console.log"))
+                      console_log=Path("/tmp/hvtools-x/console.log"),
+                      vhost_sockets={d.id: Path(f"/tmp/hvtools-x/vub-{d.id}.sock")
+                                     for d in spec.devices})
     xml = render_domain_xml(spec, plan)
     dom = conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
     assert dom.name() == spec.name
