@@ -62,22 +62,23 @@ class Sample:
         return asdict(self)
 
 
-def backend_dir(driver: Driver, name: str) -> Path:
+def _backends(driver: Driver, name: str) -> dict[str, Path]:
+    """The control channels of a running VM's vhost-user backends, by device id."""
     vm = driver.info(name)
     if vm.state is not VmState.RUNNING:
         raise StateError(f"VM {name!r} is {vm.state}, not running")
     if vm.agent_socket is None:
         raise VmError(f"VM {name!r} has no state dir")
-    return vm.agent_socket.parent
+    d = vm.agent_socket.parent  # the backends' dir under both drivers
+    return {dev: vhost_backends.BackendFiles(d, dev).control
+            for dev in vhost_backends.vhost_devices(vm.spec)}
 
 
 def watch(driver: Driver, name: str, *, interval: float = 1.0,
           count: int | None = None) -> Iterator[Sample]:
     """Yield one sample per ``interval`` seconds (at least 1: calc-dirty-rate's unit)."""
     secs = max(1, round(interval))
-    d = backend_dir(driver, name)
-    devices = vhost_backends.vhost_devices(driver.info(name).spec)
-    ctl = {dev: vhost_backends.BackendFiles(d, dev).control for dev in devices}
+    ctl = _backends(driver, name)
     for path in ctl.values():
         control_call(path, "harvest")  # start from an empty bitmap
     n = 0

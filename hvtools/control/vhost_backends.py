@@ -25,6 +25,7 @@ from pathlib import Path
 from hvtools.control.driver import tail_lines
 from hvtools.errors import VmLaunchFailure
 from hvtools.spec import DeviceType, VmSpec
+from hvtools.vhost import running
 
 _READY_TIMEOUT = 15.0
 
@@ -66,17 +67,6 @@ def sockets(state_dir: Path, spec: VmSpec, *, relative: bool = False) -> dict[st
     return {i: Path(p.name) for i, p in out.items()} if relative else out
 
 
-def _alive_backend(pidfile: Path) -> int | None:
-    """The backend's pid if it is alive and works in this state dir (not a reused pid)."""
-    try:
-        pid = int(pidfile.read_text().strip())
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        cwd = os.readlink(f"/proc/{pid}/cwd")
-    except (OSError, ValueError):
-        return None
-    return pid if b"hvtools.vhost.blk" in cmd and cwd == str(pidfile.parent) else None
-
-
 def start(state_dir: Path, spec: VmSpec, *, dirty_log: bool = True) -> list[int]:
     """Start one backend per vhost-user device; return once each listens."""
     stop(state_dir)  # a backend a powered-off guest left
@@ -116,15 +106,15 @@ def start(state_dir: Path, spec: VmSpec, *, dirty_log: bool = True) -> list[int]
 
 def stop(state_dir: Path) -> None:
     """Stop every backend of this state dir and remove its sockets."""
-    for pidfile in state_dir.glob("vub-*.pid"):
-        pid = _alive_backend(pidfile)
+    for pidfile in running.pidfiles(state_dir):
+        pid = running.alive(pidfile)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 3
-            while _alive_backend(pidfile) is not None and time.monotonic() < deadline:
+            while running.alive(pidfile) is not None and time.monotonic() < deadline:
                 time.sleep(0.02)
-            if _alive_backend(pidfile) is not None:
+            if running.alive(pidfile) is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         dev = pidfile.name.removeprefix("vub-").removesuffix(".pid")

@@ -90,11 +90,11 @@ def _exchange(sock: socket.socket, method: str, params: dict[str, Any], timeout:
     reply = json.loads(buf)
     if "error" in reply:
         e = reply["error"]
-        raise _remote_error(where, method, str(e.get("type", "Error")), str(e.get("message")))
+        raise remote_error(where, method, str(e.get("type", "Error")), str(e.get("message")))
     return reply.get("result")
 
 
-def _remote_error(host: str, method: str, err_type: str, message: str) -> HvError:
+def remote_error(host: str, method: str, err_type: str, message: str) -> HvError:
     """An HvError the agent raised comes back as the same class when it takes one message
     (so a remote UsageError still exits 2); anything else is a RemoteCallError."""
     cls = getattr(errors, err_type, None)
@@ -293,7 +293,7 @@ class HostHandle:
     def call(self, method: str, /, *, timeout: float = DEFAULT_CALL_TIMEOUT,
              **params: Any) -> Any:
         """Call ``method`` on this host's agent (unix socket). HostDownError if it is down;
-        an error the method raised comes back as an HvError (see :func:`_remote_error`)."""
+        an error the method raised comes back as an HvError (see :func:`remote_error`)."""
         return rpc_unix(self.agent_socket, method, params, timeout=timeout, where=self.name)
 
     def request(self, method: str, params: dict[str, Any], *,

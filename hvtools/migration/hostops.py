@@ -33,9 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hvtools import errors
 from hvtools.errors import HvError, MigrationError, StateError, UsageError
-from hvtools.lab.hosts import rpc_tcp
+from hvtools.lab.hosts import remote_error, rpc_tcp
 from hvtools.migration import recovery
 from hvtools.transport import open_endpoint
 from hvtools.transport.api import Endpoint
@@ -282,17 +281,11 @@ class HostOps:
 
 
 def _error(err: Any, fallback: str) -> HvError:
-    """The puller's error as the hvtools error class it named (else MigrationError)."""
+    """The puller's error, as the hvtools class it named (the agents' own rule)."""
     if not isinstance(err, dict):
         return MigrationError(fallback)
-    cls = getattr(errors, str(err.get("type")), None)
-    message = str(err.get("message", fallback))
-    if isinstance(cls, type) and issubclass(cls, HvError):
-        try:
-            return cls(message)
-        except TypeError:
-            pass
-    return MigrationError(f"{err.get('type')}: {message}")
+    return remote_error("pull", "recovery_pull", str(err.get("type")),
+                        str(err.get("message", fallback)))
 
 
 def _vm(p: dict[str, Any]) -> str:

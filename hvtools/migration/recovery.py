@@ -354,7 +354,7 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
                              f"not {vm!r}")
     t_table = time.monotonic()
     runs = pt.coalesce(table.entries["offset"], max_bytes=RUN_BYTES)
-    done = _load_journal(files, table, target)
+    done = _load_journal(files, table, target, len(runs))
     ram = RemoteRegion.from_json(exports["ram"])
     if ram.length < table.ram_size:
         raise MigrationError(f"the exported RAM region is {ram.length} bytes, the table says "
@@ -438,9 +438,8 @@ def pull_vm(ep: Endpoint, exports: dict[str, Any], dest_root: Path,
                      gib_per_s=round(nbytes / max(pages_s, 1e-9) / (1 << 30), 3))
 
 
-def _load_journal(files: VmFiles, table: pt.PageTable,
-                  target: Path) -> np.ndarray[Any, np.dtype[np.bool_]]:
-    runs = len(pt.coalesce(table.entries["offset"], max_bytes=RUN_BYTES))
+def _load_journal(files: VmFiles, table: pt.PageTable, target: Path,
+                  runs: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
     done = np.zeros(runs, dtype=bool)
     try:
         j = json.loads(files.journal.read_text())

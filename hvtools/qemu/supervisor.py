@@ -7,6 +7,7 @@ code, so the qemu driver can tell a guest poweroff (0) from a crash (signal, or 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from hvtools.vhost import running
+
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -24,17 +27,13 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _stop_backends() -> None:
-    """QEMU is gone: so is the reason for its vhost-user backends (hvtools.vhost), the ones
-    whose working directory is this state dir (vub-<id>.pid). The driver removes the files."""
-    here = os.getcwd()
-    for pidfile in Path(".").glob("vub-*.pid"):
-        try:
-            pid = int(pidfile.read_text().strip())
-            if (os.readlink(f"/proc/{pid}/cwd") == here
-                    and b"hvtools.vhost.blk" in Path(f"/proc/{pid}/cmdline").read_bytes()):
+    """QEMU is gone: so is the reason for its vhost-user backends (the ones working in this
+    state dir, hvtools.vhost.running). The driver removes their files."""
+    for pidfile in running.pidfiles(Path(".")):
+        pid = running.alive(pidfile)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
-            continue
 
 
 def main(state_dir: Path) -> int:

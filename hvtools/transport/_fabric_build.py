@@ -11,21 +11,12 @@ the result is renamed into place atomically.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import importlib.util
 import os
 import shutil
-import sys
-import tempfile
-import threading
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from hvtools import paths
-from hvtools.errors import DependencyError
+from hvtools import cext
 
 CDEF = r"""
 typedef struct hvt_ep hvt_ep;
@@ -297,15 +288,6 @@ int hvt_cq_signal(hvt_ep *h) { return h->has_wait ? fi_cq_signal(h->cq) : 0; }
 const char *hvt_strerror(int err) { return fi_strerror(err); }
 """
 
-_lock = threading.Lock()
-_module: ModuleType | None = None
-
-
-def module_key() -> str:
-    """Hash of the C source and cdef: the cache key of the built extension."""
-    h = hashlib.sha256((CDEF + "\0" + SOURCE + "\0" + sys.implementation.cache_tag).encode())
-    return h.hexdigest()[:16]
-
 
 def _missing_dependency() -> str | None:
     if shutil.which("gcc") is None and shutil.which("cc") is None:
@@ -316,57 +298,13 @@ def _missing_dependency() -> str | None:
     return None
 
 
-def _build(dest: Path, name: str) -> Path:
-    import cffi  # imported here: only the build needs the compiler side of cffi
-
-    why = _missing_dependency()
-    if why:
-        raise DependencyError(f"cannot build the libfabric binding: {why}")
-    ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    ffi.set_source(name, SOURCE, libraries=["fabric"], extra_compile_args=["-O2", "-Wall"])
-    with tempfile.TemporaryDirectory(prefix="hvt-fabric-", dir=dest) as tmp:
-        try:
-            built = Path(ffi.compile(tmpdir=tmp, verbose=False))
-        except Exception as err:  # cffi raises VerificationError / distutils errors
-            raise DependencyError(
-                f"cannot build the libfabric binding (needs libfabric-dev and gcc): {err}"
-            ) from err
-        final = dest / built.name
-        os.replace(built, final)  # atomic: readers never see a half-written module
-    return final
-
-
 def load() -> Any:
     """The compiled module (``.ffi``, ``.lib``), built on first use and cached."""
-    global _module
-    with _lock:
-        if _module is not None:
-            return _module
-        name = f"_hvt_fabric_{module_key()}"
-        dest = paths.cache_dir() / "transport"
-        dest.mkdir(parents=True, exist_ok=True)
-        found = sorted(dest.glob(f"{name}.*.so")) + sorted(dest.glob(f"{name}.so"))
-        if not found:
-            with open(dest / ".lock", "w") as lk:
-                fcntl.flock(lk, fcntl.LOCK_EX)
-                found = sorted(dest.glob(f"{name}.*.so")) + sorted(dest.glob(f"{name}.so"))
-                if not found:
-                    found = [_build(dest, name)]
-        # shm's CMA fast path (libfabric 1.17 smr_rma_fast) copies straight out of the target
-        # process with process_vm_readv/writev, skipping the target's key and range check
-        # (ofi_mr_map_verify): a wrong key or a range past the region would be served. Without
-        # CMA every op is a command the target verifies. Must be set before fi_getinfo runs.
-        os.environ["FI_SHM_DISABLE_CMA"] = "1"
-        spec = importlib.util.spec_from_file_location(name, found[0])
-        if spec is None or spec.loader is None:
-            raise DependencyError(f"cannot load the libfabric binding {found[0]}")
-        mod = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(mod)
-        except ImportError as err:
-            with contextlib.suppress(OSError):
-                found[0].unlink()  # stale (e.g. libfabric upgraded); rebuilt next time
-            raise DependencyError(f"cannot load the libfabric binding: {err}") from err
-        _module = mod
-        return mod
+    # shm's CMA fast path (libfabric 1.17 smr_rma_fast) copies straight out of the target
+    # process with process_vm_readv/writev, skipping the target's key and range check
+    # (ofi_mr_map_verify): a wrong key or a range past the region would be served. Without
+    # CMA every op is a command the target verifies. Must be set before fi_getinfo runs.
+    os.environ["FI_SHM_DISABLE_CMA"] = "1"
+    return cext.load("transport", CDEF, SOURCE, libraries=["fabric"],
+                     what="the libfabric binding (needs libfabric-dev and gcc)",
+                     missing=_missing_dependency)

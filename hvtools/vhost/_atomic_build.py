@@ -10,20 +10,10 @@ keyed by a hash of the source (the pattern of ``hvtools.transport._fabric_build`
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import importlib.util
-import os
 import shutil
-import sys
-import tempfile
-import threading
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from hvtools import paths
-from hvtools.errors import DependencyError
+from hvtools import cext
 
 CDEF = r"""
 int hvt_set_bits(uint64_t *map, size_t nwords, uint64_t first, uint64_t last);
@@ -50,56 +40,13 @@ int hvt_set_bits(uint64_t *map, size_t nwords, uint64_t first, uint64_t last)
 }
 """
 
-_lock = threading.Lock()
-_module: ModuleType | None = None
-
-
-def module_key() -> str:
-    h = hashlib.sha256((CDEF + "\0" + SOURCE + "\0" + sys.implementation.cache_tag).encode())
-    return h.hexdigest()[:16]
-
-
-def _build(dest: Path, name: str) -> Path:
-    import cffi
-
+def _missing_dependency() -> str | None:
     if shutil.which("gcc") is None and shutil.which("cc") is None:
-        raise DependencyError("cannot build the vhost dirty-log helper: gcc is missing "
-                              "(apt-get install gcc libc6-dev)")
-    ffi = cffi.FFI()
-    ffi.cdef(CDEF)
-    ffi.set_source(name, SOURCE, extra_compile_args=["-O2", "-Wall"])
-    with tempfile.TemporaryDirectory(prefix="hvt-vhost-", dir=dest) as tmp:
-        try:
-            built = Path(ffi.compile(tmpdir=tmp, verbose=False))
-        except Exception as err:  # cffi raises VerificationError / distutils errors
-            raise DependencyError(f"cannot build the vhost dirty-log helper: {err}") from err
-        final = dest / built.name
-        os.replace(built, final)
-    return final
+        return "gcc is missing (apt-get install gcc libc6-dev)"
+    return None
 
 
 def load() -> Any:
     """The compiled module (``.ffi``, ``.lib``), built on first use and cached."""
-    global _module
-    with _lock:
-        if _module is not None:
-            return _module
-        name = f"_hvt_vhost_{module_key()}"
-        dest = paths.cache_dir() / "vhost"
-        dest.mkdir(parents=True, exist_ok=True)
-        found = sorted(dest.glob(f"{name}.*.so"))
-        if not found:
-            with open(dest / ".lock", "w") as lk:
-                fcntl.flock(lk, fcntl.LOCK_EX)
-                found = sorted(dest.glob(f"{name}.*.so")) or [_build(dest, name)]
-        spec = importlib.util.spec_from_file_location(name, found[0])
-        if spec is None or spec.loader is None:
-            raise DependencyError(f"cannot load the vhost dirty-log helper {found[0]}")
-        mod = importlib.util.module_from_spec(spec)
-        try:
-            spec.loader.exec_module(mod)
-        except ImportError as err:
-            found[0].unlink(missing_ok=True)
-            raise DependencyError(f"cannot load the vhost dirty-log helper: {err}") from err
-        _module = mod
-        return mod
+    return cext.load("vhost", CDEF, SOURCE, what="the vhost dirty-log helper",
+                     missing=_missing_dependency)
