@@ -525,5 +525,9 @@ from hvtools.cli.bench_cmds import register as register_bench_cmds  # noqa: E402
 
 register_bench_cmds(main)
 
+from hvtools.cli.qemu_cmds import register as register_qemu_cmds  # noqa: E402
+
+register_qemu_cmds(main)
+
 if __name__ == "__main__":
     run()
