@@ -14,8 +14,12 @@ TOML form::
     [iommu]
     mode = "scalable,pasid,flts"   # shorthand, or the individual keys below
     caching_mode = false
+    security_level = "trusted"     # trusted | confidential: the hvt-pci devices' security level
     [[devices]]
     type = "virtio-rng"
+    [[devices]]
+    type = "hvt-pci"               # the patched QEMU's PASID DMA device (hvtools qemu build)
+    pasid_width = 20               # optional, 1..20
     [[ivshmem]]
     name = "shm0"
     size = "4M"
@@ -150,7 +154,7 @@ _DEFAULT_IOMMU = IommuSpec(scalable_mode=True, pasid=True, flts=True)
 
 
 class DeviceType(StrEnum):
-    """Virtio devices a spec can add. Each gets ``iommu_platform`` behind a vIOMMU."""
+    """Devices a spec can add. Virtio ones get ``iommu_platform`` behind a vIOMMU."""
 
     RNG = "virtio-rng"
     BLK = "virtio-blk"
@@ -158,10 +162,35 @@ class DeviceType(StrEnum):
     #: virtio-blk served by hvtools' own vhost-user backend (hvtools.vhost.blk), which logs
     #: the guest memory it writes (issue 6).
     VHOST_USER_BLK = "vhost-user-blk"
+    #: The patch series' PCIe endpoint with a PASID DMA engine and a secure interface
+    #: (qemu-patches/README.md): only a patched QEMU has it (issue 5).
+    HVT_PCI = "hvt-pci"
 
     @property
     def takes_path(self) -> bool:
         return self in (DeviceType.BLK, DeviceType.VHOST_USER_BLK)
+
+    @property
+    def is_virtio(self) -> bool:
+        return self is not DeviceType.HVT_PCI
+
+    @property
+    def needs_patched_qemu(self) -> bool:
+        """Only ``hvtools qemu build``'s QEMU has this device (stock 10.0.2 does not)."""
+        return self is DeviceType.HVT_PCI
+
+
+class SecurityLevel(StrEnum):
+    """hvt-pci's ``security-level`` property (qemu-patches/README.md, "The secure interface
+    and security levels"): ``trusted`` DMA reaches whatever the IOMMU maps; ``confidential``
+    DMA only inside the bounce window the guest registered, with its PASID tag."""
+
+    TRUSTED = "trusted"
+    CONFIDENTIAL = "confidential"
+
+
+#: hvt-pci's ``pasid-width`` range (the PASID capability's Max PASID Width, PCIe 6.0 s7.8.8.2).
+PASID_WIDTH_RANGE = range(1, 21)
 
 
 #: Guest kernel modules the cloud kernel needs for a device (virtio-rng and virtio-net are
@@ -171,14 +200,25 @@ _GUEST_MODULE = {DeviceType.BLK: "virtio_blk", DeviceType.VHOST_USER_BLK: "virti
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """One virtio device. ``iommu_platform=None`` follows the VM: on whenever a vIOMMU exists."""
+    """One device. ``iommu_platform=None`` follows the VM: on whenever a vIOMMU exists (virtio
+    devices only; hvt-pci always does its DMA through the vIOMMU when there is one)."""
 
     type: DeviceType
     id: str
     path: str | None = None  # virtio-blk: the backing file (raw)
     iommu_platform: bool | None = None
+    pasid_width: int | None = None  # hvt-pci only: None is the device's default (20)
 
     def __post_init__(self) -> None:
+        if not self.type.is_virtio and self.iommu_platform is not None:
+            raise SpecError(f"devices.{self.id}.iommu_platform",
+                            f"{self.type} is not a virtio device")
+        if self.pasid_width is not None:
+            if self.type is not DeviceType.HVT_PCI:
+                raise SpecError(f"devices.{self.id}.pasid_width", f"{self.type} has no PASID")
+            if self.pasid_width not in PASID_WIDTH_RANGE:
+                raise SpecError(f"devices.{self.id}.pasid_width",
+                                f"{self.pasid_width} is not in 1..20")
         if self.type.takes_path and not self.path:
             raise SpecError(f"devices.{self.id}.path", f"{self.type} needs a backing file path")
         if not self.type.takes_path and self.path:
@@ -228,6 +268,8 @@ class VmSpec:
     kernel_args: tuple[str, ...] = ()
     kernel: str | None = None  # None: the current guest image
     initrd: str | None = None
+    #: The VM's security level, set on each of its hvt-pci devices (``security-level``).
+    security_level: SecurityLevel = SecurityLevel.TRUSTED
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.name):
@@ -252,6 +294,16 @@ class VmSpec:
         for arg in self.kernel_args:
             if not arg or any(c.isspace() for c in arg):
                 raise SpecError("kernel_args", f"{arg!r}: one argument per entry, no spaces")
+        if (self.security_level is not SecurityLevel.TRUSTED
+                and not any(d.type is DeviceType.HVT_PCI for d in self.devices)):
+            # The device enforces the level; without one the setting would be a silent no-op.
+            raise SpecError("security_level", f"{self.security_level} needs an hvt-pci device "
+                            "(it is that device's property)")
+
+    @property
+    def patched_devices(self) -> tuple[str, ...]:
+        """QEMU device types this VM needs that only the patched QEMU has (sorted, unique)."""
+        return tuple(sorted({str(d.type) for d in self.devices if d.type.needs_patched_qemu}))
 
     @property
     def split_irqchip(self) -> bool:
@@ -261,7 +313,8 @@ class VmSpec:
     def device_iommu_platform(self, dev: DeviceSpec) -> bool:
         """Whether a virtio device does its DMA through the vIOMMU."""
         if dev.iommu_platform is None:
-            return self.iommu is not None and dev.type is not DeviceType.VHOST_USER_BLK
+            return (self.iommu is not None and dev.type.is_virtio
+                    and dev.type is not DeviceType.VHOST_USER_BLK)
         if dev.iommu_platform and self.iommu is None:
             raise SpecError(f"devices.{dev.id}.iommu_platform", "needs a vIOMMU (iommu = none)")
         return dev.iommu_platform
@@ -291,7 +344,8 @@ class VmSpec:
                       {f.name: getattr(self.iommu, f.name) for f in fields(IommuSpec)}),
             "devices": [
                 {k: v for k, v in (("type", str(d.type)), ("id", d.id), ("path", d.path),
-                                   ("iommu_platform", d.iommu_platform)) if v is not None}
+                                   ("iommu_platform", d.iommu_platform),
+                                   ("pasid_width", d.pasid_width)) if v is not None}
                 for d in self.devices],
             "ivshmem": [{"name": r.name, "size": format_size(r.size)} for r in self.ivshmem],
             "kernel_args": list(self.kernel_args),
@@ -299,6 +353,8 @@ class VmSpec:
         for key in ("cpu", "kernel", "initrd"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.security_level is not SecurityLevel.TRUSTED:
+            out["security_level"] = str(self.security_level)
         return out
 
 
@@ -339,7 +395,8 @@ def _iommu_from(value: Any) -> IommuSpec | None:
 
 def _device_from(value: Any, index: int) -> DeviceSpec:
     data = _expect(value, dict, f"devices[{index}]")
-    _check_keys(data, ["type", "id", "path", "iommu_platform"], f"devices[{index}]")
+    _check_keys(data, ["type", "id", "path", "iommu_platform", "pasid_width"],
+                f"devices[{index}]")
     kind = _expect(data.get("type"), str, f"devices[{index}].type")
     try:
         dtype = DeviceType(kind)
@@ -347,15 +404,18 @@ def _device_from(value: Any, index: int) -> DeviceSpec:
         known = ", ".join(t.value for t in DeviceType)
         raise SpecError(f"devices[{index}].type",
                         f"unknown device {kind!r} (known: {known})") from None
-    short = "vub" if dtype is DeviceType.VHOST_USER_BLK else dtype.value.split("-")[1]
+    short = {DeviceType.VHOST_USER_BLK: "vub", DeviceType.HVT_PCI: "hvt"}.get(
+        dtype, dtype.value.split("-")[-1])
     dev_id = _expect(data.get("id", f"{short}{index}"), str, f"devices[{index}].id")
     path = data.get("path")
     iop = data.get("iommu_platform")
+    width = data.get("pasid_width")
     return DeviceSpec(
         type=dtype, id=dev_id,
         path=None if path is None else _expect(path, str, f"devices[{index}].path"),
         iommu_platform=(None if iop is None else
                         _expect(iop, bool, f"devices[{index}].iommu_platform")),
+        pasid_width=None if width is None else _expect(width, int, f"devices[{index}].pasid_width"),
     )
 
 
@@ -368,7 +428,7 @@ def _ivshmem_from(value: Any, index: int) -> IvshmemSpec:
 
 
 _TOP_KEYS = ["name", "memory", "vcpus", "accel", "machine", "cpu", "iommu", "devices",
-             "ivshmem", "kernel_args", "kernel", "initrd"]
+             "ivshmem", "kernel_args", "kernel", "initrd", "security_level"]
 
 
 def spec_from_mapping(data: Mapping[str, Any], *, name: str | None = None) -> VmSpec:
@@ -395,11 +455,23 @@ def spec_from_mapping(data: Mapping[str, Any], *, name: str | None = None) -> Vm
     if "ivshmem" in data:
         regions = _expect(data["ivshmem"], list, "ivshmem")
         kwargs["ivshmem"] = tuple(_ivshmem_from(r, i) for i, r in enumerate(regions))
+    if "security_level" in data:
+        kwargs["security_level"] = parse_security_level(
+            _expect(data["security_level"], str, "security_level"))
     if "kernel_args" in data:
         raw = data["kernel_args"]
         items = raw.split() if isinstance(raw, str) else _expect(raw, list, "kernel_args")
         kwargs["kernel_args"] = tuple(_expect(a, str, "kernel_args") for a in items)
     return VmSpec(**kwargs)
+
+
+def parse_security_level(text: str) -> SecurityLevel:
+    try:
+        return SecurityLevel(text.lower())
+    except ValueError:
+        known = ", ".join(lv.value for lv in SecurityLevel)
+        raise SpecError("security_level",
+                        f"unknown security level {text!r} (known: {known})") from None
 
 
 def parse_accel(text: str) -> Accel:

@@ -132,8 +132,11 @@ def spec_options(f: F) -> F:
                      "guest runs under it)."),
         click.option("--kernel-args", help="Extra guest kernel arguments, space separated."),
         click.option("--device", "devices", multiple=True,
-                     help="virtio-rng | virtio-net | virtio-blk:PATH | vhost-user-blk:PATH "
-                     "(repeatable)."),
+                     help="virtio-rng | virtio-net | virtio-blk:PATH | vhost-user-blk:PATH | "
+                     "hvt-pci (the patched QEMU's device: hvtools qemu build) (repeatable)."),
+        click.option("--security-level", type=click.Choice(["trusted", "confidential"]),
+                     help="The VM's security level, set on its hvt-pci devices "
+                     "(default trusted)."),
         click.option("--ivshmem", "ivshmem", multiple=True,
                      help="NAME:SIZE shared-memory region at /dev/shm/NAME (repeatable)."),
     ]
@@ -158,6 +161,7 @@ def _build_spec(name: str, spec_file: Path | None, flags: dict[str, Any]) -> Any
         "memory": flags.get("memory"), "vcpus": flags.get("vcpus"),
         "iommu": flags.get("iommu"), "accel": flags.get("accel"),
         "kernel_args": flags.get("kernel_args"),
+        "security_level": flags.get("security_level"),
         "devices": [_parse_device(d) for d in flags.get("devices") or ()] or None,
         "ivshmem": [dict(zip(("name", "size"), r.split(":", 1), strict=False))
                     for r in flags.get("ivshmem") or ()] or None,

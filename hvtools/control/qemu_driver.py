@@ -293,7 +293,9 @@ class QemuDriver(Driver):
                 if host.failed:
                     raise StateError(f"host {host.name} has failed; it runs no VM until "
                                      f"`hvtools host revive {host.name}`")
-            qemu = find_qemu()
+            # A spec with a device of the patch series (hvt-pci) runs on the newest patched
+            # build that has it (hvtools qemu build), any other on the stock QEMU.
+            qemu = find_qemu(devices=spec.patched_devices)
             accel = resolve_accel(spec.accel, qemu=qemu, progress=progress)
             kernel, initrd = preflight(spec)
             ram = host_ram_path(host.memory_dir, name) if host else default_ram_path(name)

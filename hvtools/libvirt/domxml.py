@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
+from hvtools.errors import UsageError
 from hvtools.spec import (
     AGENT_PORT,
     Accel,
@@ -186,6 +187,12 @@ def render_domain_xml(spec: VmSpec, plan: LaunchPlan, *, emulator: str | None = 
     appear: libvirt puts file-backed RAM under qemu.conf's ``memory_backing_dir`` and owns
     the monitor.
     """
+    if spec.patched_devices:
+        # Refused rather than smuggled in through <qemu:commandline>: libvirt would neither
+        # address, label nor migrate a device it cannot see. The qemu driver runs it.
+        raise UsageError(f"VM {spec.name!r} has {', '.join(spec.patched_devices)}, a device of "
+                         "the patched QEMU that the libvirt driver does not run: use "
+                         "--driver qemu")
     root = ET.Element("domain", type="kvm" if plan.accel is Accel.KVM else "qemu")
     _sub(root, "name", spec.name)
     if uuid:

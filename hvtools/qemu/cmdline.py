@@ -54,6 +54,13 @@ def _device_args(spec: VmSpec, plan: LaunchPlan, dev: DeviceSpec) -> list[str]:
         return ["-blockdev", f"driver=file,node-name={dev.id}-file,filename={opt(dev.path)}",
                 "-blockdev", f"driver=raw,node-name={dev.id}-fmt,file={dev.id}-file",
                 "-device", _virtio("virtio-blk-pci", dev.id, platform, f"drive={dev.id}-fmt")]
+    if dev.type is DeviceType.HVT_PCI:
+        # The patched QEMU's device (qemu-patches/README.md); the argv puts it after the
+        # intel-iommu, whose DMA address spaces it asks for (per PASID).
+        parts = ["hvt-pci", f"id={dev.id}", f"security-level={spec.security_level}"]
+        if dev.pasid_width is not None:
+            parts.append(f"pasid-width={dev.pasid_width}")
+        return ["-device", ",".join(parts)]
     if dev.type is DeviceType.VHOST_USER_BLK:
         # QEMU connects to the backend as a client and reconnects when it restarts
         # (docs/interop/vhost-user.rst; chardev socket reconnect-ms).
