@@ -15,7 +15,7 @@ from typing import Any
 
 from hvtools.control.accel import probe_kvm
 from hvtools.errors import HvError
-from hvtools.qemu.binary import device_properties, find_qemu
+from hvtools.qemu.binary import capabilities, device_properties, find_qemu, patched_installs
 from hvtools.qemu.qmp import qmp_call
 
 #: intel-iommu properties hvtools drives (QEMU 10.0 hw/i386/intel_iommu.c).
@@ -48,6 +48,30 @@ def _check_qemu() -> Check:
                  f"intel-iommu lacks {', '.join(missing)}",
                  {"version": qemu.version_str, "path": str(qemu.path),
                   "intel_iommu_properties": props})
+
+
+def _check_qemu_patched() -> Check:
+    """The patched QEMU (``hvtools qemu build``): built for the current series or not, and
+    what its binary offers (hvt-pci, intel-iommu x-nested, -accel qtest)."""
+    from hvtools.qemu.build import current_key
+
+    installs = patched_installs()
+    if not installs:
+        return Check("qemu-patched", None, "not built",
+                     "specs with hvt-pci need it: hvtools qemu build (make test builds it)")
+    key = current_key()
+    current = next((i for i in installs if i.key == key), None)
+    inst = current or installs[0]
+    caps = capabilities(inst.binary)
+    offers = ", ".join(f"{name}={'yes' if have else 'no'}" for name, have in (
+        ("hvt-pci", caps.hvt_pci), ("x-nested", caps.x_nested), ("qtest", caps.qtest)))
+    return Check("qemu-patched", True if current else None,
+                 f"QEMU {caps.version} {inst.key}, {len(inst.patches)} patch(es): {offers}",
+                 f"built from the current series, at {inst.binary}" if current else
+                 f"the current series ({key}) is not built; VMs use {inst.key}: "
+                 "hvtools qemu build",
+                 {**caps.to_json(), **inst.to_json(), "current_key": key,
+                  "installs": [i.key for i in installs]})
 
 
 def _check_seabios() -> Check:
@@ -169,8 +193,8 @@ def _check_image() -> Check:
 
 
 CHECKS: tuple[Callable[[], Check], ...] = (
-    _check_qemu, _check_seabios, _check_kvm, _check_tcg_svm, _check_libvirt, _check_rdma,
-    _check_libfabric, _check_migration, _check_netns, _check_image)
+    _check_qemu, _check_qemu_patched, _check_seabios, _check_kvm, _check_tcg_svm,
+    _check_libvirt, _check_rdma, _check_libfabric, _check_migration, _check_netns, _check_image)
 
 
 def run_checks() -> list[Check]:
