@@ -13,6 +13,13 @@ module lists, the format version)::
 
 ``images_dir()/current`` is a symlink to the newest key. Builds happen in a temporary directory
 that is renamed into place, so a failed build leaves nothing behind.
+
+A *variant* (``build_image(variant=...)`` or ``$HVTOOLS_IMAGE_VARIANT``) is the same recipe on
+another kernel, plus out-of-tree modules from ``kmod/<name>/`` compiled on the host against that
+kernel's ``linux-headers`` packages (downloaded and unpacked, never installed) and shipped under
+``lib/modules/<ver>/extra/``. Its key also covers the headers and the module sources; its symlink
+is ``current-<variant>``, so building it never moves ``current``. The ``pasid`` variant runs
+bookworm's 6.12 cloud kernel (``iommu_attach_device_pasid`` appeared in 6.2) with ``hvtpasid``.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from hvtools.errors import DependencyError, ImageError
 FORMAT_VERSION = 1
 META_PACKAGE = "linux-image-cloud-amd64"
 KERNEL_PACKAGE_ENV = "HVTOOLS_KERNEL_PACKAGE"
+VARIANT_ENV = "HVTOOLS_IMAGE_VARIANT"
 BUSYBOX_PACKAGE = "busybox-static"
 #: Modules /init loads at every boot (when they are not built in).
 BOOT_MODULES = ("virtio_pci", "virtio_console", "button", "evdev")
@@ -62,7 +70,25 @@ EXTRA_MODULES = (
 #: within 50 ms of each other, xz 0.35 s slower; "none" needs no tool and is never slower.
 INITRD_COMPRESSION = "none"
 SRC_DIR = Path(__file__).parent / "src"
+KMOD_DIR = Path(__file__).parent / "kmod"
 Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ImageVariant:
+    """A kernel other than the default, and the out-of-tree modules (``kmod/<name>/``) built
+    against it. ``meta`` is a Debian meta package whose Depends names the kernel package."""
+
+    name: str
+    meta: str
+    kmods: tuple[str, ...]
+
+
+VARIANTS = {
+    # bookworm(-security)'s linux-6.12 line: iommu_paging_domain_alloc (6.11) and
+    # iommu_attach_device_pasid with an attach handle (6.11) are exported, IOMMUFD is not built.
+    "pasid": ImageVariant("pasid", "linux-image-6.12-cloud-amd64", ("hvtpasid",)),
+}
 
 
 @dataclass(frozen=True)
@@ -101,8 +127,19 @@ class _Inputs:
     busybox: Path
     busybox_version: str
     sources: dict[str, str]  # file name -> sha256
+    variant: ImageVariant | None = None
+    headers: tuple[Path, ...] = ()  # linux-headers debs (variants only)
+    kmod_sources: dict[str, str] = field(default_factory=dict)  # "name/file" -> sha256
 
     def key_material(self) -> dict[str, object]:
+        material = self._base_material()
+        if self.variant is not None:  # the default image's key material stays as it was
+            material["variant"] = self.variant.name
+            material["headers"] = {p.name: _sha256(p) for p in self.headers}
+            material["kmods"] = self.kmod_sources
+        return material
+
+    def _base_material(self) -> dict[str, object]:
         return {
             "format": FORMAT_VERSION,
             "kernel_package": self.package,
@@ -124,24 +161,28 @@ class _Inputs:
 # -- public API ---------------------------------------------------------------------------------
 
 
-def build_image(*, force: bool = False, progress: Progress | None = None) -> GuestImage:
+def build_image(*, force: bool = False, progress: Progress | None = None,
+                variant: str | None = None) -> GuestImage:
     """Build the guest image, or return the cached one whose inputs match.
 
+    ``variant`` (default ``$HVTOOLS_IMAGE_VARIANT``, else none) names an entry of VARIANTS.
     Raises DependencyError when a host tool is missing (naming the Debian package) and
     ImageError when the build fails.
     """
     say: Progress = progress or (lambda _msg: None)
+    chosen = _variant(variant)
     _check_tools()
-    inputs = _gather_inputs(say)
+    inputs = _gather_inputs(say, chosen)
     key = inputs.key
+    link = _current_name(chosen)
     root = paths.images_dir() / key
     if not force and _complete(root):
-        _point_current(key)
+        _point_current(key, link)
         return _load(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with _build_lock(root.parent):
         if not force and _complete(root):
-            _point_current(key)
+            _point_current(key, link)
             return _load(root)
         _remove_leftovers(root.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root.parent))
@@ -159,18 +200,35 @@ def build_image(*, force: bool = False, progress: Progress | None = None) -> Gue
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    _point_current(key)
+    _point_current(key, link)
     say(f"image {key} ready in {root}")
     return _load(root)
 
 
-def find_image() -> GuestImage:
-    """The image ``images_dir()/current`` points to; ImageError when there is none."""
-    current = paths.images_dir() / "current"
+def find_image(variant: str | None = None) -> GuestImage:
+    """The image ``images_dir()/current`` (``current-<variant>`` for a variant, default
+    ``$HVTOOLS_IMAGE_VARIANT``) points to; ImageError when there is none."""
+    chosen = _variant(variant)
+    current = paths.images_dir() / _current_name(chosen)
     root = current.resolve() if current.is_symlink() else current
     if not _complete(root):
-        raise ImageError(f"no guest image under {paths.images_dir()}; run `hvtools image build`")
+        how = "" if chosen is None else f"{VARIANT_ENV}={chosen.name} "
+        raise ImageError(f"no {'guest' if chosen is None else chosen.name + ' guest'} image "
+                         f"under {paths.images_dir()}; run `{how}hvtools image build`")
     return _load(root)
+
+
+def _variant(name: str | None) -> ImageVariant | None:
+    chosen = (name if name is not None else os.environ.get(VARIANT_ENV, "")).strip()
+    if not chosen:
+        return None
+    if chosen not in VARIANTS:
+        raise ImageError(f"unknown image variant {chosen!r} (known: {', '.join(sorted(VARIANTS))})")
+    return VARIANTS[chosen]
+
+
+def _current_name(variant: ImageVariant | None) -> str:
+    return "current" if variant is None else f"current-{variant.name}"
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -196,8 +254,8 @@ def _tool(name: str) -> str:
     return str(Path("/usr/sbin", name))
 
 
-def _gather_inputs(say: Progress) -> _Inputs:
-    package, version = resolve_kernel_package(say)
+def _gather_inputs(say: Progress, variant: ImageVariant | None = None) -> _Inputs:
+    package, version = resolve_kernel_package(say, variant)
     deb = _download_deb(package, version, say)
     busybox, bb_version = _busybox()
     sources = {
@@ -207,19 +265,61 @@ def _gather_inputs(say: Progress) -> _Inputs:
     }
     if "init" not in sources:
         raise ImageError(f"{SRC_DIR}/init is missing; the hvtools install is broken")
-    return _Inputs(package, version, deb, _sha256(deb), busybox, bb_version, sources)
+    if variant is None:
+        return _Inputs(package, version, deb, _sha256(deb), busybox, bb_version, sources)
+    headers = tuple(_download_deb(p, v, say) for p, v in _headers_packages(package, version, say))
+    kmod_sources: dict[str, str] = {}
+    for name in variant.kmods:
+        d = KMOD_DIR / name
+        if not (d / "Kbuild").is_file():
+            raise ImageError(f"{d}/Kbuild is missing; the hvtools install is broken")
+        for p in sorted(d.iterdir()):
+            if p.is_file():
+                kmod_sources[f"{name}/{p.name}"] = _sha256(p)
+    return _Inputs(package, version, deb, _sha256(deb), busybox, bb_version, sources,
+                   variant, headers, kmod_sources)
 
 
-def resolve_kernel_package(say: Progress | None = None) -> tuple[str, str]:
+def resolve_kernel_package(say: Progress | None = None,
+                           variant: ImageVariant | None = None) -> tuple[str, str]:
     """The (package, version) to boot: ``$HVTOOLS_KERNEL_PACKAGE`` (``name`` or ``name=ver``),
-    else what bookworm's ``linux-image-cloud-amd64`` depends on (never a backports build)."""
+    else what the variant's meta package depends on, else what bookworm's
+    ``linux-image-cloud-amd64`` depends on (never a backports build)."""
     override = os.environ.get(KERNEL_PACKAGE_ENV, "").strip()
     if override:
         name, _, version = override.partition("=")
         if not re.fullmatch(r"linux-image-[\w.+~-]+", name):
             raise ImageError(f"{KERNEL_PACKAGE_ENV}={override!r} is not a linux-image package")
         return name, version or _candidate(name, say)
+    if variant is not None:
+        return _resolve_meta_candidate(variant.meta, say)
     return _resolve_meta(say)
+
+
+def _resolve_meta_candidate(meta: str, say: Progress | None) -> tuple[str, str]:
+    """The kernel package that apt's candidate of ``meta`` depends on (exact version)."""
+    version = _candidate(meta, say)
+    text = _apt_cache(["show", f"{meta}={version}"], say)
+    dep = re.search(r"^Depends: .*?(linux-image-[\w.+~-]+)\s*\(=\s*([^)\s]+)\)", text, re.M)
+    if dep is None:
+        raise ImageError(f"{meta}={version} depends on no exact linux-image version")
+    return dep.group(1), dep.group(2)
+
+
+def _headers_packages(package: str, version: str,
+                      say: Progress | None) -> list[tuple[str, str]]:
+    """The debs that make a module build tree for ``package``: its ``linux-headers`` package
+    and the ``-common`` and ``linux-kbuild`` packages that one depends on."""
+    name = "linux-headers-" + package.removeprefix("linux-image-").removesuffix("-unsigned")
+    text = _apt_cache(["show", f"{name}={version}"], say)
+    depends = next((m.group(1) for m in re.finditer(r"^Depends: (.*)$", text, re.M)), "")
+    wanted = [(name, version)]
+    for dep in re.findall(r"(linux-(?:headers|kbuild)-[\w.+~-]+)(?:\s*\(=\s*([^)\s]+)\))?",
+                          depends):
+        wanted.append((dep[0], dep[1] or version))
+    if len(wanted) < 2:
+        raise ImageError(f"{name}={version} depends on no linux-headers/linux-kbuild package")
+    return wanted
 
 
 def _apt_cache(args: Sequence[str], say: Progress | None, *, retried: bool = False) -> str:
@@ -359,10 +459,15 @@ def _build(inputs: _Inputs, key: str, root: Path, say: Progress) -> None:
     _run([_tool("depmod"), "-b", str(root), kver], "depmod")
 
     helpers = _compile_helpers(root / "bin", say)
+    kmods: tuple[str, ...] = ()
+    if inputs.variant is not None:
+        kmods = inputs.variant.kmods
+        _build_kmods(inputs, kver, root, say)
+        _run([_tool("depmod"), "-b", str(root), kver], "depmod (extra modules)")
 
     say("building initramfs")
     stage = root / ".initramfs"
-    module_report = _stage_initramfs(stage, root, kver, inputs.busybox, helpers)
+    module_report = _stage_initramfs(stage, root, kver, inputs.busybox, helpers, kmods)
     initrd = root / "initrd.img"
     _write_initrd(stage, initrd)
     shutil.rmtree(stage)
@@ -387,6 +492,9 @@ def _build(inputs: _Inputs, key: str, root: Path, say: Progress) -> None:
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "build_seconds": round(time.monotonic() - started, 2),
     }
+    if inputs.variant is not None:
+        manifest["variant"] = inputs.variant.name
+        manifest["kmods"] = {name: f"lib/modules/{kver}/extra/{name}.ko" for name in kmods}
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -408,6 +516,44 @@ def _compile_helpers(bindir: Path, say: Progress) -> dict[str, Path]:
             raise ImageError(f"gcc failed on {src.name}: {_tail(proc.stderr)}")
         helpers[src.stem] = out
     return helpers
+
+
+def _build_kmods(inputs: _Inputs, kver: str, root: Path, say: Progress) -> None:
+    """Compile the variant's kmod/<name>/ trees against the unpacked headers debs and put the
+    .ko files under ``root/lib/modules/<kver>/extra/``. ``src/`` is on the include path (the
+    helpers and the modules share their ioctl headers there)."""
+    assert inputs.variant is not None
+    if shutil.which("make") is None:
+        raise DependencyError("`make` not found; install the Debian package make")
+    tree = root / ".headers"
+    for deb in inputs.headers:
+        _run(["dpkg-deb", "-x", str(deb), str(tree)], f"dpkg-deb -x {deb.name}")
+    kdir = tree / "usr/src" / f"linux-headers-{kver}"
+    makefile = kdir / "Makefile"
+    if not makefile.is_file():
+        raise ImageError(f"the headers debs hold no usr/src/linux-headers-{kver}")
+    # Debian's per-flavour Makefile includes the -common one by its installed path.
+    makefile.write_text(re.sub(r"^include /usr/src/", f"include {tree}/usr/src/",
+                               makefile.read_text(), flags=re.M))
+    cc = re.search(r"^CC = .*\(CROSS_COMPILE\)(gcc-\d+)", _read(kdir / ".kernelvariables"), re.M)
+    if cc and shutil.which(f"x86_64-linux-gnu-{cc.group(1)}") is None:
+        raise DependencyError(f"{kver} modules are built with {cc.group(1)}; install the Debian "
+                              f"package {cc.group(1)}")
+    extra = root / "lib/modules" / kver / "extra"
+    extra.mkdir(parents=True, exist_ok=True)
+    for name in inputs.variant.kmods:
+        say(f"compiling kernel module {name} for {kver}")
+        work = root / ".kmod" / name
+        shutil.copytree(KMOD_DIR / name, work)
+        # No BTF for the module (it would need pahole, the dwarves package): it loads without.
+        _run(["make", "-C", str(kdir), f"M={work}", f"HVTOOLS_SRC={SRC_DIR}",
+              "CONFIG_DEBUG_INFO_BTF_MODULES=", "modules"], f"building kernel module {name}")
+        built = work / f"{name}.ko"
+        if not built.is_file():
+            raise ImageError(f"building kernel module {name} produced no {name}.ko")
+        shutil.copy2(built, extra / built.name)
+    shutil.rmtree(root / ".kmod")
+    shutil.rmtree(tree)
 
 
 def _module_closure(root: Path, kver: str, name: str) -> tuple[str, list[Path]]:
@@ -432,7 +578,8 @@ def _module_closure(root: Path, kver: str, name: str) -> tuple[str, list[Path]]:
 
 
 def _stage_initramfs(
-    stage: Path, root: Path, kver: str, busybox: Path, helpers: Mapping[str, Path]
+    stage: Path, root: Path, kver: str, busybox: Path, helpers: Mapping[str, Path],
+    kmods: Sequence[str] = (),
 ) -> dict[str, dict[str, str]]:
     """Lay out the initramfs tree in ``stage``; return how each module is provided."""
     for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp", "run",
@@ -458,7 +605,7 @@ def _stage_initramfs(
     report: dict[str, dict[str, str]] = {"boot": {}, "extra": {}}
     mod_src = root / "lib/modules" / kver
     mod_dst = stage / "lib/modules" / kver
-    for group, names in (("boot", BOOT_MODULES), ("extra", EXTRA_MODULES)):
+    for group, names in (("boot", BOOT_MODULES), ("extra", (*EXTRA_MODULES, *kmods))):
         for name in names:
             kind, files = _module_closure(root, kver, name)
             report[group][name] = kind
@@ -575,8 +722,8 @@ def _load(root: Path) -> GuestImage:
         raise ImageError(f"guest image manifest {root / 'manifest.json'} is unreadable") from err
 
 
-def _point_current(key: str) -> None:
-    current = paths.images_dir() / "current"
+def _point_current(key: str, link: str = "current") -> None:
+    current = paths.images_dir() / link
     if current.is_symlink() and os.readlink(current) == key:
         return
     tmp = current.with_name(f".current-{os.getpid()}")
@@ -611,6 +758,13 @@ def _run(cmd: Sequence[str], what: str) -> str:
     if proc.returncode != 0:
         raise ImageError(f"{what} failed (exit {proc.returncode}): {_tail(proc.stderr)}")
     return proc.stdout
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
 
 
 def _tail(text: str, lines: int = 5) -> str:

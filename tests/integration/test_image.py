@@ -247,7 +247,7 @@ def test_build_is_cached_and_findable(guest_image: GuestImage) -> None:
     assert list(guest_image.modules.rglob("kvm-amd.ko*"))
     assert list(guest_image.modules.rglob("vfio-pci.ko*"))
     assert guest_image.kernel.read_bytes()[0x202:0x206] == b"HdrS"  # x86 boot protocol header
-    assert set(guest_image.helpers) == {"hvagent", "hvpid1", "hvblkbench"}
+    assert set(guest_image.helpers) == {"hvagent", "hvpid1", "hvblkbench", "hvtdma"}
     for path in guest_image.helpers.values():
         elf = path.read_bytes()
         assert elf[:4] == b"\x7fELF"
