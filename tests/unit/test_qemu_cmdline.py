@@ -25,6 +25,8 @@ CASES: dict[str, dict[str, object]] = {
                 "ivshmem": [{"name": "shm0", "size": "4M"}]},
     "vhost": {"name": "t5", "memory": "512M",
               "devices": [{"type": "vhost-user-blk", "path": "/disk.img"}]},
+    "hvt": {"name": "t7", "security_level": "confidential",
+            "devices": [{"type": "virtio-rng"}, {"type": "hvt-pci", "pasid_width": 16}]},
 }
 
 
@@ -99,3 +101,15 @@ def test_vhost_user_blk_behind_the_viommu_is_refused() -> None:
     with pytest.raises(SpecError, match="no IOTLB"):
         spec_from_mapping({"name": "t6", "devices": [
             {"type": "vhost-user-blk", "path": "/d", "iommu_platform": True}]})
+
+
+def test_hvt_pci_after_the_viommu_with_the_vm_security_level() -> None:
+    argv = render_argv(_spec("hvt"), PLAN)
+    devs = [argv[i + 1].split(",")[0] for i, a in enumerate(argv) if a == "-device"]
+    assert devs.index("intel-iommu") < devs.index("hvt-pci")
+    assert _device(argv, "hvt-pci") == {"id": "hvt1", "security-level": "confidential",
+                                        "pasid-width": "16"}
+    trusted = spec_from_mapping({"name": "t8", "iommu": "none",
+                                 "devices": [{"type": "hvt-pci"}]})
+    assert _device(render_argv(trusted, PLAN), "hvt-pci") == {"id": "hvt0",
+                                                               "security-level": "trusted"}

@@ -15,6 +15,7 @@ from hvtools.spec import (
     GiB,
     IommuSpec,
     MiB,
+    SecurityLevel,
     load_spec_file,
     parse_iommu,
     parse_size,
@@ -73,6 +74,17 @@ def test_iommu_shorthand_errors(text: str, message: str) -> None:
     ({"vcpus": True}, "vcpus", "expected an integer"),
     ({"machine": "pc"}, "machine", "only q35"),
     ({"kernel_args": ["a b"]}, "kernel_args", "no spaces"),
+    ({"security_level": "secret"}, "security_level", "unknown security level 'secret'"),
+    ({"security_level": "confidential"}, "security_level", "needs an hvt-pci device"),
+    ({"devices": [{"type": "hvt-pci", "pasid_width": 21}]}, "devices.hvt0.pasid_width",
+     "not in 1..20"),
+    ({"devices": [{"type": "hvt-pci", "pasid_width": "20"}]}, "devices[0].pasid_width",
+     "expected int, got str"),
+    ({"devices": [{"type": "virtio-rng", "pasid_width": 8}]}, "devices.rng0.pasid_width",
+     "has no PASID"),
+    ({"devices": [{"type": "hvt-pci", "iommu_platform": True}]},
+     "devices.hvt0.iommu_platform", "not a virtio device"),
+    ({"devices": [{"type": "hvt-pci", "path": "/x"}]}, "devices.hvt0.path", "takes no path"),
 ])
 def test_spec_errors_name_the_field(data: dict[str, object], field: str, message: str) -> None:
     with pytest.raises(SpecError, match=message) as info:
@@ -135,3 +147,41 @@ def test_mapping_round_trip(memory_mib: int, vcpus: int, iommu: IommuSpec | None
                               {"mode": iommu.shorthand}})
     assert spec.iommu == iommu
     assert spec_from_mapping(spec.to_mapping()) == spec
+
+
+def test_hvt_pci_and_the_vm_security_level() -> None:
+    spec = spec_from_mapping({"name": "h", "security_level": "Confidential", "devices": [
+        {"type": "virtio-rng"}, {"type": "hvt-pci"}, {"type": "hvt-pci", "id": "dma1",
+                                                      "pasid_width": 8}]})
+    assert spec.security_level is SecurityLevel.CONFIDENTIAL
+    hvt = spec.devices[1]
+    assert (hvt.type, hvt.id, hvt.pasid_width) == (DeviceType.HVT_PCI, "hvt1", None)
+    assert spec.devices[2].pasid_width == 8
+    assert spec.patched_devices == ("hvt-pci",)  # the qemu driver picks a patched build
+    assert not spec.device_iommu_platform(hvt)  # not virtio: no iommu_platform property
+    assert spec_from_mapping(spec.to_mapping()) == spec
+    plain = spec_from_mapping({"name": "p", "devices": [{"type": "virtio-rng"}]})
+    assert plain.patched_devices == () and plain.security_level is SecurityLevel.TRUSTED
+    assert "security_level" not in plain.to_mapping()  # stored specs stay as they were
+
+
+def test_security_level_from_a_toml_file(tmp_path: Path) -> None:
+    f = tmp_path / "vm.toml"
+    f.write_text('name = "c"\nsecurity_level = "confidential"\n'
+                 '[[devices]]\ntype = "hvt-pci"\npasid_width = 16\n')
+    spec = load_spec_file(f)
+    assert spec.security_level is SecurityLevel.CONFIDENTIAL
+    assert spec.devices[0].pasid_width == 16
+
+
+def test_libvirt_driver_refuses_the_patched_device() -> None:
+    from hvtools.errors import UsageError
+    from hvtools.libvirt.domxml import render_domain_xml
+    from hvtools.spec import LaunchPlan
+
+    plan = LaunchPlan(accel=Accel.TCG, kernel=Path("/k"), initrd=Path("/i"),
+                      ram_path=Path("/r"), agent_socket=Path("/a"), console_log=Path("/c"))
+    spec = spec_from_mapping({"name": "lv", "devices": [{"type": "hvt-pci"}]})
+    with pytest.raises(UsageError, match="hvt-pci, a device of the patched QEMU that the "
+                       "libvirt driver does not run: use --driver qemu"):
+        render_domain_xml(spec, plan)
