@@ -485,7 +485,7 @@ class _Builder:
                     blob.write_bytes(bz2.compress(b""))
             build.mkdir()
             self.run(Step.CONFIGURE, [str(src / "configure"),
-                                      *configure_args(self.work / "prefix", python)], cwd=build)
+                                      *configure_args(self.root / self.key, python)], cwd=build)
         return build
 
     def compile(self, build: Path) -> None:
