@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +29,15 @@ from typing import Any
 
 import pytest
 
+from hvtools.control.iommu_live import tables_live, translate_live
+from hvtools.control.mmu_live import open_ram
 from hvtools.control.qemu_driver import QemuDriver
 from hvtools.errors import DependencyError, HvError
 from hvtools.guest.image import GuestImage, build_image
 from hvtools.iommu.structures import FaultRecord
 from hvtools.qemu.binary import find_qemu
 from hvtools.spec import spec_from_mapping
+from hvtools.translation import Fault, Translation
 
 from .conftest import RUN
 
@@ -166,7 +170,12 @@ def test_pasid_tagged_dma_end_to_end(guests: Guests, pasid_image: GuestImage,
     _, bdf = g.sh("hvtdma list")
     bdf = bdf.strip()
     g.sh("modprobe hvtpasid")
-    _, out = g.sh("hvtdma pasid --len 65536 --fault")
+    # In the background, so that its source buffer stays mapped while the host looks.
+    g.sh("hvtdma pasid --len 65536 --fault --hold 600 </dev/null >/tmp/pasid.out 2>&1 &")
+    deadline = time.monotonic() + 120
+    while "holding" not in (out := g.sh("cat /tmp/pasid.out")[1]):
+        assert time.monotonic() < deadline and "hvtdma:" not in out, out
+        time.sleep(0.5)
     assert checks(out) == {
         "pasid-enabled": "ok", "mem2dev-pasid": "ok", "dev2mem-pasid": "ok",
         "mem2mem-pasid": "ok", "completed-count": "ok", "dev2mem-no-pasid-faults": "ok",
@@ -175,21 +184,41 @@ def test_pasid_tagged_dma_end_to_end(guests: Guests, pasid_image: GuestImage,
     assert m and m.group(1) == bdf, out
     pasid = int(m.group(2))
     assert pasid > 0
+    slot, fn = int(bdf.split(":")[2].split(".")[0], 16), int(bdf.split(".")[1])
+    sid = int(bdf.split(":")[1], 16) << 8 | slot << 3 | fn
+
+    # Host side 0: the tables the guest kernel wrote, walked by hvtools' VT-d model. The
+    # device has a PASID-table entry for that PASID, of the type the vIOMMU offers, that maps
+    # the source IOVA to guest memory holding the source's bytes; the same IOVA without a
+    # PASID (the requester ID's RID_PASID entry) maps nothing.
+    held = re.search(r"holding \d+s: iova (0x[0-9a-f]+) maps the source, whose first 16 bytes "
+                     r"are ([0-9a-f]{32})", out)
+    assert held, out
+    iova, head = int(held.group(1), 16), bytes.fromhex(held.group(2))
+    dev = tables_live(g.drv, g.name, pause=True).device(sid)
+    assert dev is not None
+    entry = {e.pasid: e for e in dev.pasid_entries}.get(pasid)
+    assert entry is not None and entry.pgtt == ("first-stage" if "flts" in iommu
+                                                else "second-stage"), dev.to_json()
+    tagged = translate_live(g.drv, g.name, sid, pasid, iova, write=False, pause=True).outcome
+    assert isinstance(tagged, Translation), tagged
+    with open_ram(g.drv, g.name) as ram:
+        assert ram.read(tagged.output, 16) == head
+    untagged = translate_live(g.drv, g.name, sid, None, iova, write=False, pause=True).outcome
+    assert isinstance(untagged, Fault), untagged
+    g.sh("kill $(pidof hvtdma)")
 
     # Host side 1: QEMU created the device's address space for requests with that PASID.
-    slot, fn = int(bdf.split(":")[2].split(".")[0], 16), int(bdf.split(".")[1])
     mtree = g.drv.hmp(g.name, "info mtree")
     assert f"vtd-{slot:02x}.{fn}-pasid-{pasid:x}" in mtree, mtree[:3000]
 
-    # Host side 2: the fault records. The untagged control (IOVA unmapped in the requester
-    # ID's domain) is PP=0; the PASID-tagged write after HVTP_UNMAP is PP=1, PV=pasid; both
-    # writes (T1=T2=0) at the destination IOVA 0x80000000, from the device's source ID.
-    sid = int(bdf.split(":")[1], 16) << 8 | slot << 3 | fn
+    # Host side 2: the fault records, both writes (T1=T2=0) at the destination IOVA
+    # 0x80000000 from the device's source ID. The untagged control (nothing mapped there in the
+    # requester ID's domain) is recorded as the RID_PASID's request, PV=0 (QEMU reports every
+    # scalable-mode fault with PP=1); the PASID-tagged write after HVTP_UNMAP has PV=pasid.
     recs = [r for r in fault_records(g.trace) if r["SID"] == sid]
-    assert any(r["PP"] == 0 and r["FI"] << 12 == 0x80000000 for r in recs), recs
-    tagged = [r for r in recs if r["PP"] == 1]
-    assert tagged and all(r["PV"] == pasid and r["T1"] == 0 and r["T2"] == 0
-                          and r["FI"] << 12 == 0x80000000 for r in tagged), recs
+    assert all(r["T1"] == 0 and r["T2"] == 0 and r["FI"] << 12 == 0x80000000 for r in recs)
+    assert sorted((r["PP"], r["PV"]) for r in recs) == [(1, 0), (1, pasid)], recs
     # ... and the guest's own fault handler reported it with the PASID (drivers/iommu/intel).
     _, dmesg = g.sh("dmesg")
     assert re.search(rf"\[DMA Write PASID 0x{pasid:x}\] Request device \[{bdf[5:]}\]"

@@ -2,14 +2,15 @@
  *
  *   hvtdma list
  *       BDFs of the hvt-pci devices, one a line.
- *   hvtdma pasid [--len BYTES] [--fault]
+ *   hvtdma pasid [--len BYTES] [--fault] [--hold SECONDS]
  *       Through the hvtpasid kernel module (pasid image variant): the device's PASID-tagged
  *       requests are translated by the domain the module attached to its PASID. Maps two user
  *       buffers there (HVTP_MAP), moves a pattern buffer -> SRAM (MEM2DEV) -> buffer (DEV2MEM)
  *       and buffer -> buffer (MEM2MEM) with PASID.VALID and that PASID, and checks the bytes;
  *       then the controls: the same DEV2MEM without PASID (the requester ID's DMA-API domain
  *       does not map the IOVA: WRITE_FAULT) and, with --fault, after HVTP_UNMAP (a fault of
- *       a request-with-PASID: the guest kernel logs it with the PASID).
+ *       a request-with-PASID: the guest kernel logs it with the PASID). --hold keeps the
+ *       source buffer mapped that long after "holding ..." (the host can walk the tables).
  *   hvtdma vfio-check [BDF]
  *       Through vfio-pci (any image), on a device fresh from reset: its secure interface as its
  *       CAPS security level says. A confidential device cannot write outside its registered
@@ -315,10 +316,12 @@ static int kmod_unmap(const struct kmod *k, uint64_t iova)
 static int cmd_pasid(int argc, char **argv)
 {
     uint32_t len = 64 * 1024;
-    int want_fault = 0;
+    int want_fault = 0, hold = 0;
     for (int i = 0; i < argc; i++) {
         if (!strcmp(argv[i], "--len") && i + 1 < argc)
             len = (uint32_t)strtoul(argv[++i], NULL, 0);
+        else if (!strcmp(argv[i], "--hold") && i + 1 < argc)
+            hold = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--fault"))
             want_fault = 1;
         else
@@ -379,6 +382,9 @@ static int cmd_pasid(int argc, char **argv)
           (unsigned long long)r.fault_addr, all_bytes(dst, len, 0));
 
     if (want_fault) {
+        /* Let the guest's fault handler clear the first record: a VT-d unit may collapse a
+         * new fault of a requester whose earlier one is still pending (QEMU does). */
+        usleep(500000);
         if ((e = kmod_unmap(&k, iova_dst)))
             die(3, "HVTP_UNMAP: %s", strerror(-e));
         r = dma(&d, 0, iova_dst, len, tag, DIR_DEV2MEM);
@@ -390,6 +396,15 @@ static int cmd_pasid(int argc, char **argv)
     }
     printf("pasid=%u iova_src=%#llx iova_dst=%#llx len=%u\n", k.info.pasid,
            (unsigned long long)iova_src, (unsigned long long)iova_dst, len);
+    if (hold > 0) {
+        printf("holding %ds: iova %#llx maps the source, whose first 16 bytes are ", hold,
+               (unsigned long long)iova_src);
+        for (int i = 0; i < 16; i++)
+            printf("%02x", src[i]);
+        printf("\n");
+        fflush(stdout);
+        sleep((unsigned)hold);
+    }
     return failures ? 1 : 0;
 }
 
@@ -574,10 +589,10 @@ static int cmd_vfio_check(int argc, char **argv)
     const char *bdf = pick_bdf(argc ? argv[0] : NULL);
     struct vfio v = vfio_open();
     const size_t wsize = 64 * 1024, len = 16 * 1024;
+    struct vdev vd = vfio_device(&v, bdf, 1); /* sets the container's IOMMU: map after */
     uint8_t *window = alloc_pages(wsize), *outside = alloc_pages(wsize);
     vfio_map(&v, window, IOVA_WINDOW, wsize);
     vfio_map(&v, outside, IOVA_OUTSIDE, wsize);
-    struct vdev vd = vfio_device(&v, bdf, 1);
     const struct dev *d = &vd.d;
     struct dma_res r;
     printf("device=%s caps=%#x level=%s\n", bdf, vd.caps, level_name(vd.caps));
@@ -688,10 +703,10 @@ static int cmd_vfio_bench(int argc, char **argv)
     const char *bdf = pick_bdf(given);
     size_t total = (size_t)total_mib << 20;
     struct vfio v = vfio_open();
+    struct vdev vd = vfio_device(&v, bdf, 1);
     uint8_t *dest = alloc_pages(total), *window = alloc_pages(chunk);
     vfio_map(&v, dest, IOVA_DEST, total);
     vfio_map(&v, window, IOVA_WINDOW, chunk);
-    struct vdev vd = vfio_device(&v, bdf, 1);
     const struct dev *d = &vd.d;
     if (bounce)
         register_window(d, IOVA_WINDOW, chunk);
