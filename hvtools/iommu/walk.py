@@ -956,10 +956,16 @@ QEMU_NOTES = (
 )
 
 
-def qemu_reason(fault: Fault, request: DmaRequest, caps: IommuCaps | None = None
-                ) -> int | None:
+def qemu_reason(fault: Fault, request: DmaRequest, caps: IommuCaps | None = None, *,
+                patched: bool = False) -> int | None:
     """The reason code QEMU 10.0.2 records for the condition behind ``fault``, or None when
     QEMU does not detect that condition (see :data:`QEMU_NOTES`).
+
+    ``patched``: QEMU 10.0.2 with the hvtools series (qemu-patches/, patch 0002): the PASID
+    entry's PGTT selects each request's walk, nested translation reports the spec's SFS/SSS
+    codes, supervisor requests are honoured and RTA.2/SPT.6 are detected
+    (:data:`QEMU_PATCHED_NOTES`); every stock departure outside those stays. What the series
+    supports (nested, SRE) still follows ``caps`` (ECAP.NEST, ECAP.SRS).
 
     ``caps`` (the unit's CAP/ECAP as QEMU reports them) settle what depends on QEMU's
     configuration: which PGTTs it accepts and whether SNP is reserved; without them QEMU's
@@ -974,8 +980,10 @@ def qemu_reason(fault: Fault, request: DmaRequest, caps: IommuCaps | None = None
     except ValueError:
         return None
     pasid_entries = [s.entry for s in fault.steps if s.table == PasidTableEntry.NAME]
-    if pasid_entries and not _qemu_pgtt_ok(pasid_entries[-1], caps):
+    if pasid_entries and not _qemu_pgtt_ok(pasid_entries[-1], caps, patched):
         return FaultReason.SM_PASID_ENTRY_INVALID  # checked before P, reserved bits, walks
+    if patched:
+        return _qemu_patched_reason(fault, request, caps, pasid_entries)
     level_code = _qemu_level_checks(fault, request)
     if level_code is not None:
         return level_code
@@ -995,15 +1003,19 @@ def qemu_reason(fault: Fault, request: DmaRequest, caps: IommuCaps | None = None
     return code if code in _QEMU_SAME else None
 
 
-def _qemu_pgtt_ok(pte: int, caps: IommuCaps | None) -> bool:
-    """QEMU's PASID-entry type check (vtd_pe_type_check and the level checks after it)."""
+def _qemu_pgtt_ok(pte: int, caps: IommuCaps | None, patched: bool = False) -> bool:
+    """QEMU's PASID-entry type check (vtd_pe_type_check and the level checks after it); the
+    series accepts nested entries with ECAP.NEST (both stages' level checks apply)."""
     pe = PasidTableEntry.decode(pte)
     pgtt = pe["PGTT"]
+    sagaw = 0b00110 if caps is None else caps.get("SAGAW")
     if pgtt == Pgtt.FIRST_STAGE:
         return (caps is None or bool(caps.get("FSTS"))) and pe["FSPM"] == 0
     if pgtt == Pgtt.SECOND_STAGE:
-        sagaw = 0b00110 if caps is None else caps.get("SAGAW")
         return (caps is None or bool(caps.get("SSTS"))) and bool(sagaw >> pe["AW"] & 1)
+    if pgtt == Pgtt.NESTED and patched:
+        return ((caps is None or bool(caps.get("NEST"))) and bool(sagaw >> pe["AW"] & 1)
+                and pe["FSPM"] == 0)
     if pgtt == Pgtt.PASS_THROUGH:
         return caps is None or bool(caps.get("PT"))
     return False  # nested and the reserved encodings
@@ -1041,6 +1053,97 @@ def _qemu_snp_only(fault: Fault, reason: FaultReason, caps: IommuCaps | None) ->
     haw = 48 if caps is None else caps.get("MGAW") + 1
     rest = ss[-1].entry & ~(1 << 11)
     return not rest & (fmt.reserved_mask() | _bits(haw, 51))
+
+
+#: Conditions the patched QEMU detects under the specification's own code (beyond
+#: :data:`_QEMU_SAME`): RTA.2, SPT.6, and in nested walks SFS.5-8, SSS.1-4, SGN.6/7.
+_QEMU_PATCHED_SAME = _QEMU_SAME | {0x31, 0x5D}
+_QEMU_PATCHED_NESTED = frozenset({0x74, 0x75, 0x76, 0x77, 0x78, 0x79, 0x7A, 0x7B, 0x85, 0x86})
+#: First-stage leaf formats (FS-PTE, FS-PDE(2M), FS-PDPE(1G)) by name, as walk steps carry them.
+_FS_LEAVES = frozenset({FS_FORMATS[1][0].NAME, *(leaf.NAME for level in (2, 3)
+                                                 if (leaf := FS_FORMATS[level][1]))})
+
+#: How the patched QEMU (hvtools series, qemu-patches/ patch 0002) departs from this model,
+#: in addition to the stock :data:`QEMU_NOTES` that still apply.
+QEMU_PATCHED_NOTES = (
+    "Lifted from the stock notes: PGTT is taken from each PASID entry (nested accepted with "
+    "ECAP.NEST), supervisor requests are honoured (SRE, WPE; U/S not required), RTA.2 (0x31) "
+    "and SPT.6 (0x5D) are detected, fault records of requests-with-PASID carry PP, the "
+    "20-bit PV and PRIV, also for context and PASID-directory faults.",
+    "Nested walks report the specification's codes (SFS.5-8 0x74-0x77, SSS.1-4 0x78-0x7B, "
+    "SGN.6/7 0x85/0x86); second-stage-only walks keep the stock legacy codes.",
+    "QEMU checks each first-stage level completely before the next (P, U/S for user "
+    "requests, R/W unless a supervisor write with WPE=0, reserved bits, then in nested mode "
+    "the A/D update against the second stage's write permission, SFS.8), and a nested walk "
+    "translates each table address through the second stage before reading it.",
+    "Still not checked: SM context PASIDE and PDTS for requests-with-PASID (SCT.6 0x45, SCT.7 "
+    "0x46); the RID_PASID entry is still validated while fetching the context entry.",
+    "First-stage canonicality (stock) follows the PASID entry's AW in nested mode too.",
+)
+
+
+def _qemu_patched_reason(fault: Fault, request: DmaRequest, caps: IommuCaps | None,
+                         pasid_entries: list[int]) -> int | None:
+    """:func:`qemu_reason` for the patched QEMU (after the PASID-entry type check)."""
+    code = fault.code
+    nested = bool(pasid_entries) and PasidTableEntry.get(pasid_entries[-1], "PGTT") \
+        == Pgtt.NESTED
+    level_code = _qemu_patched_level_checks(fault, request, pasid_entries, nested)
+    if level_code is not None:
+        return level_code
+    reason = FaultReason(code)
+    if nested and code in _QEMU_PATCHED_NESTED:
+        return code
+    if reason in (FaultReason.SS_RESERVED, FaultReason.SM_SS_RESERVED) and _qemu_snp_only(
+            fault, reason, caps):
+        return None
+    if reason is FaultReason.ADDRESS_BEYOND_AW and any(
+            s.table == ContextEntry.NAME and ContextEntry.get(s.entry, "TT")
+            == TranslationType.PASS_THROUGH for s in fault.steps):
+        return None
+    if code == FaultReason.SM_SS_NOT_PRESENT:
+        return 0x05 if request.write else 0x06
+    if code == FaultReason.SM_WRITE_DENIED:
+        return 0x85 if fault.stage is Stage.VTD_FIRST else 0x05
+    if reason in _QEMU_RENUMBERED:
+        return _QEMU_RENUMBERED[reason]
+    return code if code in _QEMU_PATCHED_SAME else None
+
+
+def _qemu_patched_level_checks(fault: Fault, request: DmaRequest, pasid_entries: list[int],
+                               nested: bool) -> int | None:
+    """The first failure of the checks the patched QEMU makes on each paging entry before
+    going deeper (see :data:`QEMU_PATCHED_NOTES`), or None."""
+    if not any(s.stage is Stage.VTD_FIRST for s in fault.steps):
+        if nested:
+            return None  # nested second-stage walks check rights on the completed walk
+        return _qemu_level_checks(fault, request)
+    priv = request.privileged
+    wpe = bool(pasid_entries) and bool(PasidTableEntry.get(pasid_entries[-1], "WPE"))
+    first = [i for i, s in enumerate(fault.steps) if s.stage is Stage.VTD_FIRST]
+    ss_writable = True
+    for i, s in enumerate(fault.steps):
+        if s.stage is Stage.VTD_SECOND:
+            ss_writable = ss_writable and bool(s.entry & 2)
+            continue
+        if s.stage is not Stage.VTD_FIRST:
+            continue
+        entry = s.entry
+        if not entry & 1:
+            return FaultReason.SM_FS_NOT_PRESENT
+        if not priv and not entry & 4:
+            return FaultReason.SM_PRIVILEGE
+        if request.write and not entry & 2 and not (priv and not wpe):
+            return FaultReason.SM_WRITE_DENIED
+        if i == first[-1] and fault.stage is Stage.VTD_FIRST \
+                and fault.code == FaultReason.SM_FS_RESERVED:
+            return None  # the model's own fault: reserved bits come before A/D
+        if nested:
+            flag = 1 << 5 | (1 << 6 if request.write and s.table in _FS_LEAVES else 0)
+            if entry & flag != flag and not ss_writable:
+                return FaultReason.SM_FS_AD_WRITE_DENIED
+        ss_writable = True  # the next second-stage steps translate the next table
+    return None
 
 
 def _ss_leaf_format(step: WalkStep) -> type[VtdStruct] | None:

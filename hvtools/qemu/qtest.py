@@ -324,6 +324,49 @@ class QtestQemu:
             raise QtestError(line if len(line) < 200 else line[:200] + "...", reply)
         return words[1:]
 
+    def batch(self, lines: Sequence[str]) -> list[list[str]]:
+        """Send ``lines`` in one socket write and return the words after each ``OK``, in order.
+
+        QEMU's qtest server handles every complete line it has received before it returns to
+        its main loop (system/qtest.c ``qtest_process_inbuf``), so no bottom half or timer runs
+        between the commands of one batch: what a device sees is back-to-back accesses (two
+        doorbell writes while the first DMA is still pending, say). A ``FAIL``/``ERR`` reply
+        raises :class:`QtestError` after every reply of the batch has been read.
+        """
+        if self._state is not QtestState.RUNNING:
+            raise StateError(f"qtest QEMU is {self._state}; commands need "
+                             f"{QtestState.RUNNING}")
+        if not lines or any("\n" in line for line in lines):
+            raise UsageError("a qtest batch needs one or more single-line commands")
+        assert self._sock is not None and self._rfile is not None
+        replies: list[str] = []
+        try:
+            self._sock.sendall("".join(f"{line}\n" for line in lines).encode())
+            while len(replies) < len(lines):
+                reply = self._rfile.readline()
+                if reply is None:
+                    raise self._crashed()
+                if reply.startswith("IRQ "):
+                    self.irqs.append(reply)
+                    continue
+                replies.append(reply)
+        except TimeoutError as err:
+            tail = self.log_tail()
+            self._state = QtestState.CLOSED
+            self._teardown()
+            raise HvTimeout(f"qtest batch of {len(lines)} commands got {len(replies)} answers "
+                            f"within {self.timeout:.0f}s; QEMU is closed: "
+                            f"{tail[-1] if tail else 'no output'}") from err
+        except OSError as err:
+            raise self._crashed() from err
+        out: list[list[str]] = []
+        for line, reply in zip(lines, replies, strict=True):
+            words = reply.split()
+            if not words or words[0] != "OK":
+                raise QtestError(line if len(line) < 200 else line[:200] + "...", reply)
+            out.append(words[1:])
+        return out
+
     def _crashed(self) -> VmCrashed:
         if self._proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
