@@ -33,6 +33,7 @@ from hvtools.control.iommu_live import tables_live, translate_live
 from hvtools.control.mmu_live import open_ram
 from hvtools.control.qemu_driver import QemuDriver
 from hvtools.errors import DependencyError, HvError
+from hvtools.guest import image as image_mod
 from hvtools.guest.image import GuestImage, build_image
 from hvtools.iommu.structures import FaultRecord
 from hvtools.qemu.binary import find_qemu
@@ -135,6 +136,34 @@ def fault_records(trace: Path) -> list[dict[str, int]]:
 
 def _image_files(img: GuestImage) -> dict[str, str]:
     return {"kernel": str(img.kernel), "initrd": str(img.initrd)}
+
+
+# -- the image variant ------------------------------------------------------------------------
+
+def test_variant_leaves_the_default_key_material_alone(tmp_path: Path) -> None:
+    deb = tmp_path / "h.deb"
+    deb.write_bytes(b"headers")
+    def inputs(**variant: Any) -> image_mod._Inputs:
+        return image_mod._Inputs("linux-image-x", "1", deb, "d", deb, "b", {"init": "i"},
+                                 **variant)
+
+    default = inputs()
+    assert set(default.key_material()) == {
+        "format", "kernel_package", "kernel_version", "deb_sha256", "busybox_version",
+        "sources", "boot_modules", "extra_modules", "compression"}
+    variant = inputs(variant=image_mod.VARIANTS["pasid"], headers=(deb,),
+                     kmod_sources={"hvtpasid/Kbuild": "k"})
+    extra = {k: v for k, v in variant.key_material().items() if k not in default.key_material()}
+    assert set(extra) == {"variant", "headers", "kmods"} and variant.key != default.key
+
+
+def test_pasid_image_ships_the_module(pasid_image: GuestImage) -> None:
+    ko = pasid_image.modules / "extra" / "hvtpasid.ko"
+    assert ko.is_file() and b"vermagic=" + pasid_image.kernel_version.encode() in ko.read_bytes()
+    dep = (pasid_image.modules / "modules.dep").read_text()
+    assert "extra/hvtpasid.ko:" in dep
+    assert pasid_image.root.parent.joinpath("current-pasid").resolve() == pasid_image.root
+    assert "hvtdma" in pasid_image.helpers
 
 
 # -- stock QEMU: the plumbing, with the edu device -------------------------------------------
