@@ -49,9 +49,10 @@ struct hvtp_dev {
 	ioasid_t pasid; /* IOMMU_NO_PASID: the domain is on the requester ID */
 	u32 flags;
 	struct miscdevice misc;
-	struct mutex lock; /* maps, busy */
+	struct mutex lock; /* maps, busy, gone */
 	struct list_head maps;
-	bool busy;
+	bool busy; /* /dev/hvtpasid is open */
+	bool gone; /* the device was removed while open: the file's release frees this */
 };
 
 static DEFINE_MUTEX(hvtp_global);
@@ -137,7 +138,13 @@ static long hvtp_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 	void __user *uarg = (void __user *)arg;
 	struct hvtp_mapping *m;
 	long ret = -ENOTTY;
+	bool gone;
 
+	mutex_lock(&hd->lock);
+	gone = hd->gone;
+	mutex_unlock(&hd->lock);
+	if (gone)
+		return -ENODEV; /* (MAP checks again under the lock) */
 	switch (cmd) {
 	case HVTP_GET_INFO: {
 		struct hvtp_info info = {
@@ -159,7 +166,7 @@ static long hvtp_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
 		if (copy_from_user(&req, uarg, sizeof(req)))
 			return -EFAULT;
 		mutex_lock(&hd->lock);
-		ret = hvtp_map(hd, &req);
+		ret = hd->gone ? -ENODEV : hvtp_map(hd, &req);
 		mutex_unlock(&hd->lock);
 		return ret;
 	}
@@ -202,12 +209,16 @@ static int hvtp_release(struct inode *inode, struct file *file)
 {
 	struct hvtp_dev *hd = file->private_data;
 	struct hvtp_mapping *m, *n;
+	bool gone;
 
 	mutex_lock(&hd->lock);
 	list_for_each_entry_safe(m, n, &hd->maps, node)
 		hvtp_drop(hd, m);
 	hd->busy = false;
+	gone = hd->gone;
 	mutex_unlock(&hd->lock);
+	if (gone)
+		kfree(hd);
 	return 0;
 }
 
@@ -364,10 +375,15 @@ err_free:
 static void hvtp_remove(struct pci_dev *pdev)
 {
 	struct hvtp_dev *hd = pci_get_drvdata(pdev);
+	struct hvtp_mapping *m, *n;
+	bool open;
 
-	misc_deregister(&hd->misc); /* open files keep the fops; release drops their maps */
+	misc_deregister(&hd->misc); /* no new opens; an open file keeps hd until its release */
 	mutex_lock(&hd->lock);
-	WARN_ON(!list_empty(&hd->maps));
+	list_for_each_entry_safe(m, n, &hd->maps, node)
+		hvtp_drop(hd, m);
+	hd->gone = true;
+	open = hd->busy;
 	mutex_unlock(&hd->lock);
 	pci_clear_master(pdev);
 	if (hd->flags & HVTP_F_PASID) {
@@ -382,7 +398,8 @@ static void hvtp_remove(struct pci_dev *pdev)
 	mutex_lock(&hvtp_global);
 	hvtp_the = NULL;
 	mutex_unlock(&hvtp_global);
-	kfree(hd);
+	if (!open)
+		kfree(hd);
 }
 
 static const struct pci_device_id hvtp_ids[] = {
