@@ -275,3 +275,18 @@ def test_secure_interface_from_the_guest(guests: Guests, image: GuestImage,
         assert set(found) == {"trusted-writes-without-window", "trusted-writes-outside-window",
                               "trusted-unmapped-iova-faults"}
         assert "blocked=0 completed=2" in out
+
+
+def test_confidential_window_admits_only_its_pasid(guests: Guests, pasid_image: GuestImage,
+                                                   patched_qemu: Path) -> None:
+    g = guests.start("cpasid", {**_image_files(pasid_image), "iommu": "scalable,pasid,flts",
+                                "security_level": "confidential",
+                                "devices": [{"type": "hvt-pci", "id": "hvt0"}]})
+    g.sh("modprobe hvtpasid")
+    _, out = g.sh("hvtdma pasid --len 16384")
+    assert checks(out) == {
+        "pasid-enabled": "ok", "confidential-pasid-window-writes": "ok",
+        "confidential-untagged-blocked": "ok", "confidential-other-pasid-blocked": "ok",
+        "confidential-tagged-outside-blocked": "ok", "confidential-pasid-window-reads": "ok",
+        "confidential-blocked-count": "ok"}
+    assert not fault_records(g.trace)  # refused by the device before any request reached the IOMMU

@@ -11,6 +11,8 @@
  *       does not map the IOVA: WRITE_FAULT) and, with --fault, after HVTP_UNMAP (a fault of
  *       a request-with-PASID: the guest kernel logs it with the PASID). --hold keeps the
  *       source buffer mapped that long after "holding ..." (the host can walk the tables).
+ *       On a confidential device instead: a window tagged with the PASID admits requests
+ *       with that tag only (untagged or another PASID: BLOCKED), inside the window only.
  *   hvtdma vfio-check [BDF]
  *       Through vfio-pci (any image), on a device fresh from reset: its secure interface as its
  *       CAPS security level says. A confidential device cannot write outside its registered
@@ -313,6 +315,50 @@ static int kmod_unmap(const struct kmod *k, uint64_t iova)
     return ioctl(k->fd, HVTP_UNMAP, &u) ? -errno : 0;
 }
 
+/* A confidential device whose window carries the PASID tag: only requests with that tag, into
+ * the window, pass the secure interface (and then the IOMMU's PASID domain). */
+static int pasid_confidential(const struct dev *d, const struct kmod *k, uint8_t *src,
+                              uint8_t *dst, uint32_t len, uint64_t iova_src, uint64_t iova_dst)
+{
+    uint32_t tag = PASID_VALID | k->info.pasid;
+    uint32_t other = PASID_VALID | (k->info.pasid + 1); /* within the width, not ours */
+    struct dma_res r;
+    uint32_t blocked0 = rd32(d, R_BLOCKED);
+    if (rd32(d, R_WIN_CTRL) & 1)
+        die(3, "%s already has a window: needs a device fresh from reset", d->bdf);
+    uint8_t *sram = map_resource(d->bdf, 2, SRAM_SIZE);
+    fill(sram, len, 0xFACEu);
+    wr64(d, R_WIN_BASE, iova_dst);
+    wr32(d, R_WIN_SIZE, len);
+    wr32(d, R_WIN_PASID, tag);
+    wr32(d, R_WIN_CTRL, 1);
+
+    r = dma(d, 0, iova_dst, len, tag, DIR_DEV2MEM);
+    check("confidential-pasid-window-writes", dma_ok(&r) && !memcmp(dst, sram, len),
+          "status=%#x code=%u", r.status, r.code);
+    memset(dst, 0, len);
+    r = dma(d, 0, iova_dst, len, 0, DIR_DEV2MEM);
+    check("confidential-untagged-blocked",
+          (r.status & ST_ERROR) && r.code == CODE_BLOCKED && all_bytes(dst, len, 0),
+          "status=%#x code=%u", r.status, r.code);
+    r = dma(d, 0, iova_dst, len, other, DIR_DEV2MEM);
+    check("confidential-other-pasid-blocked",
+          (r.status & ST_ERROR) && r.code == CODE_BLOCKED && all_bytes(dst, len, 0),
+          "status=%#x code=%u", r.status, r.code);
+    r = dma(d, iova_src, 0, len, tag, DIR_MEM2DEV);
+    check("confidential-tagged-outside-blocked",
+          (r.status & ST_ERROR) && r.code == CODE_BLOCKED && r.fault_addr == iova_src,
+          "status=%#x code=%u fault_addr=%#llx", r.status, r.code,
+          (unsigned long long)r.fault_addr);
+    memcpy(dst, src, len); /* the guest copies in, the device reads the window */
+    r = dma(d, iova_dst, 0, len, tag, DIR_MEM2DEV);
+    check("confidential-pasid-window-reads", dma_ok(&r) && !memcmp(sram, src, len),
+          "status=%#x code=%u", r.status, r.code);
+    uint32_t blocked = rd32(d, R_BLOCKED) - blocked0;
+    check("confidential-blocked-count", blocked == 3, "BLOCKED advanced by %u", blocked);
+    return failures ? 1 : 0;
+}
+
 static int cmd_pasid(int argc, char **argv)
 {
     uint32_t len = 64 * 1024;
@@ -353,6 +399,8 @@ static int cmd_pasid(int argc, char **argv)
     if ((e = kmod_map(&k, dst, iova_dst, len, HVTP_READ | HVTP_WRITE)))
         die(3, "HVTP_MAP dst: %s", strerror(-e));
     uint32_t tag = PASID_VALID | k.info.pasid;
+    if (CAPS_LEVEL(caps) == 1)
+        return pasid_confidential(&d, &k, src, dst, len, iova_src, iova_dst);
     uint32_t completed0 = rd32(&d, R_COMPLETED);
 
     struct dma_res r = dma(&d, iova_src, 0, len, tag, DIR_MEM2DEV);
