@@ -91,11 +91,12 @@ def register(main: click.Group) -> None:
         inst = res.install
         n = len(inst.patches)
         if res.cached:
-            out.print(f"patched QEMU {inst.key} ({n} patch(es)) is already built: {inst.binary}")
+            out.print(f"patched QEMU {inst.key} ({n} patch(es)) is already built: {inst.binary}",
+                      soft_wrap=True)
         else:
             steps = ", ".join(f"{k} {v:.0f}s" for k, v in res.steps.items() if v >= 1)
             out.print(f"built patched QEMU {inst.key} ({n} patch(es)) in {res.seconds:.0f}s "
-                      f"({steps}): {inst.binary}")
+                      f"({steps}): {inst.binary}", soft_wrap=True)
 
     @qemu.command("list")
     @json_option

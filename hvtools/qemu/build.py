@@ -515,7 +515,7 @@ class _Builder:
                 raise QemuBuildError(Step.BUILD, f"ninja exited with status {code}: "
                                      f"{first_error(tail)}", self.log_path)
 
-    def install(self, build: Path, python: Path) -> PatchedInstall:
+    def install(self, build: Path) -> PatchedInstall:
         with self.step(Step.INSTALL, f"into {self.root / self.key}"):
             stage = self.work / "install"
             (stage / "bin").mkdir(parents=True)
@@ -533,7 +533,7 @@ class _Builder:
                          "upstream": BASE.upstream, "tarball": BASE.tarball,
                          "sha256": BASE.sha256},
                 "patches": [{"name": p.name, "sha256": p.sha256} for p in self.patches],
-                "configure": configure_args(Path("<prefix>"), Path("<venv>/bin/python3")),
+                "configure": configure_args(self.root / self.key, self.venv / "bin" / "python3"),
                 "version_text": ver.splitlines()[0] if ver else "",
                 "capabilities": caps,
                 "build_seconds": round(sum(self.steps.values()), 1),
@@ -572,7 +572,7 @@ class _Builder:
                 python = self.ensure_venv()
                 build = self.configure(src, python)
                 self.compile(build)
-                return self.install(build, python)
+                return self.install(build)
             except QemuBuildError as err:
                 self.note(f"FAILED: {err}")
                 raise
