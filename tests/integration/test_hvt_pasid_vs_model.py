@@ -26,7 +26,7 @@ Guest RAM (256 MiB): tables in [16 MiB, 32 MiB) (nested: seen by the first stage
 +2 GiB through 2 MiB second-stage pages), DMA targets in [32 MiB, 256 MiB); nested outputs
 are guest-physical ``HPA + 16 MiB`` before the second stage (also RAM, and watched).
 
-``HVTOOLS_HVT_EXAMPLES=N`` sets the random cases (default 120, a fixed set);
+``HVTOOLS_HVT_EXAMPLES=N`` sets the random cases (default 300, a fixed set);
 ``HVTOOLS_VTD_EXPLORE=1`` draws new ones on every run.
 """
 
@@ -87,7 +87,7 @@ HPA = 0x300_0000
 PASID = 0x45  # beyond the first PASID table (PASID 0's) on purpose
 SRAM = 0x800
 INTERRUPT_WINDOW = range(0xFEE0_0000, 0xFEF0_0000)
-EXAMPLES = int(os.environ.get("HVTOOLS_HVT_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("HVTOOLS_HVT_EXAMPLES", "300"))
 EXPLORE = os.environ.get("HVTOOLS_VTD_EXPLORE", "") == "1"
 
 
@@ -782,6 +782,28 @@ def test_faults(lab: Lab, name: str, pgtt: Pgtt, pasid: int | None, mutate: Muta
     address = s.extra.get("iova", IOVA) + 0x40
     watch = (HPA + 0x40, HPA + DATA_GPA + 0x40)
     faults(lab.check(s.rtaddr, s.req(address, access, priv), watch=watch), reason, qemu)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3], ids=["pml4e", "pdpe", "pde", "pte"])
+@pytest.mark.parametrize(("pgtt", "stage", "reason"), [
+    (FS, "fs", R.SM_FS_NOT_PRESENT), (SS, "ss", R.SM_SS_NOT_PRESENT),
+    (NESTED, "fs", R.SM_FS_NOT_PRESENT), (NESTED, "ss", R.SM_SS_NOT_PRESENT)],
+    ids=["fs", "ss", "nested-fs", "nested-ss-output"])
+def test_not_present_at_each_level(lab: Lab, pgtt: Pgtt, stage: str, reason: FaultReason,
+                                   level: int) -> None:
+    """A non-present entry at each paging level, user and supervisor, read and write: the
+    model's fault and the record QEMU makes (FS 0x71; SS-only the stock 0x05/0x06; nested
+    second stage 0x79), with PP/PV/PRIV."""
+    s = setup(lab, pgtt)
+    s.map(IOVA, HPA)
+    mutate = _fs(level, P) if stage == "fs" else _ss_out(level, 3)
+    mutate(lab, s)
+    for priv in (False, True):
+        for access in (READ, WRITE):
+            qemu = 0x71 if stage == "fs" else 0x79 if pgtt == NESTED else (
+                0x05 if access is WRITE else 0x06)
+            faults(lab.check(s.rtaddr, s.req(IOVA + 0x40, access, priv),
+                             watch=(HPA + 0x40, HPA + DATA_GPA + 0x40)), reason, qemu)
 
 
 @pytest.mark.parametrize("pasid", [PASID, None], ids=["pasid", "rid-pasid"])
