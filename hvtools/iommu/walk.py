@@ -1057,7 +1057,7 @@ def _qemu_snp_only(fault: Fault, reason: FaultReason, caps: IommuCaps | None) ->
 
 #: Conditions the patched QEMU detects under the specification's own code (beyond
 #: :data:`_QEMU_SAME`): RTA.2, SPT.6, and in nested walks SFS.5-8, SSS.1-4, SGN.6/7.
-_QEMU_PATCHED_SAME = _QEMU_SAME | {0x31, 0x5D}
+_QEMU_PATCHED_SAME = _QEMU_SAME | {0x31, 0x45, 0x46, 0x5D}
 _QEMU_PATCHED_NESTED = frozenset({0x74, 0x75, 0x76, 0x77, 0x78, 0x79, 0x7A, 0x7B, 0x85, 0x86})
 #: First-stage leaf formats (FS-PTE, FS-PDE(2M), FS-PDPE(1G)) by name, as walk steps carry them.
 _FS_LEAVES = frozenset({FS_FORMATS[1][0].NAME, *(leaf.NAME for level in (2, 3)
@@ -1076,13 +1076,11 @@ QEMU_PATCHED_NOTES = (
     "requests, R/W unless a supervisor write with WPE=0, reserved bits, then in nested mode "
     "the A/D update against the second stage's write permission, SFS.8), and a nested walk "
     "translates each table address through the second stage before reading it.",
-    "Still not checked: SM context PASIDE and PDTS for requests-with-PASID (SCT.6 0x45, SCT.7 "
-    "0x46); the RID_PASID entry is still validated while fetching the context entry.",
+    "SM context PASIDE and PDTS are checked for requests-with-PASID (SCT.6 0x45, SCT.7 0x46); "
+    "the RID_PASID entry is still validated while fetching the context entry.",
     "First-stage canonicality (stock) follows the PASID entry's AW in nested mode too.",
-    "Bugs of the series the differential suite pins (tests/integration/"
-    "test_hvt_pasid_vs_model.py): an address space whose PASID entry (or, in legacy mode, "
-    "context entry) is pass-through takes the no-DMAR fast path, so a supervisor request "
-    "with SRE=0 (SPT.6) and a request-with-PASID in legacy mode (RTA.2) reach memory.",
+    "Supervisor address spaces, and requests-with-PASID in legacy mode, never take the "
+    "pass-through fast path (the differential suite found both; fixed in 0002).",
 )
 
 

@@ -18,8 +18,8 @@ the root table and lets hvt-pci DMA with the request's PASID and privilege:
   QEMU fills them) -- or nothing when an FPD suppresses the fault.
 
 Where the patched QEMU and the model disagree and the specification sides with the model,
-the case is a ``finding``: an ``xfail(strict=True)`` that only a :class:`Disagreement`
-satisfies, naming the C function at fault. Stock departures that the series leaves alone are
+the C is wrong: the six such findings so far were fixed in the series and are kept as
+regression tests. Stock departures that the series leaves alone are
 in ``QEMU_NOTES`` and are steered around (or pinned) by test_vtd_vs_qemu.py.
 
 Guest RAM (256 MiB): tables in [16 MiB, 32 MiB) (nested: seen by the first stage at
@@ -106,20 +106,12 @@ def sentinel(addr: int, count: int) -> bytes:
 
 
 class Disagreement(AssertionError):
-    """The model and QEMU disagree (what a finding's strict xfail expects, and nothing else:
-    a broken set-up fails with a plain AssertionError)."""
+    """The model and QEMU disagree (a broken set-up fails with a plain AssertionError)."""
 
 
 def agree(condition: bool, message: str) -> None:
     if not condition:
         raise Disagreement(message)
-
-
-def finding(where: str, what: str) -> pytest.MarkDecorator:
-    """The patched QEMU departs from the VT-d specification (and the model) here: a bug of
-    the series, ``where`` the C function. It must keep disagreeing with a Disagreement."""
-    return pytest.mark.xfail(strict=True, raises=Disagreement,
-                             reason=f"patched QEMU bug in {where}: {what}")
 
 
 def expected_record(request: DmaRequest, fault: Fault, code: int, rtaddr: int,
@@ -208,7 +200,7 @@ class Lab:
         :class:`Disagreement` where they differ. ``watch``: guest-physical places the bytes
         must not reach (besides the identity address). ``spec``: expect the specification's
         own reason code (the model's) even where ``qemu_reason`` says QEMU does not see the
-        condition (for the findings)."""
+        condition (the regressions below)."""
         bench, mem, dev = self.bench, self.mem, self.bench.hvt
         if program:
             bench.program(rtaddr)
@@ -256,9 +248,8 @@ class Lab:
             elif before is not None:
                 agree(got == before, f"the read did not fetch the output's bytes: {where}")
             if isinstance(outcome, Fault):
-                # A refused MEM2DEV read zeroes its chunk of SRAM (test_finding_read_fault_
-                # clobbers_sram); it must never bring in a watched location's bytes.
-                agree(got in (marker, bytes(count)),
+                # A refused MEM2DEV read leaves the SRAM as it was.
+                agree(got == marker,
                       f"a faulting read changed the SRAM to {got.hex()}: {where}")
 
         if isinstance(outcome, Translation):
@@ -847,55 +838,42 @@ def test_legacy_mode_request_with_pasid(lab: Lab) -> None:
 
 
 # ============================================================================================
-# Findings: the patched QEMU against the specification (strict xfails)
+# Regressions: disagreements this suite found in the series, fixed in 0002/0003
 # ============================================================================================
 
 
-@finding("hw/i386/intel_iommu.c vtd_switch_address_space()/vtd_as_pt_enabled()",
-         "a (PASID, privileged) address space whose PASID entry is pass-through is switched "
-         "to the no-DMAR fast path, which skips the SRE check of vtd_do_iommu_translate(): "
-         "a supervisor request with SRE=0 goes through instead of faulting SPT.6 (0x5D)")
+# Was a finding of this suite; fixed in 0002 (vtd_as_pt_enabled: no fast path for supervisor ASes).
 @pytest.mark.parametrize("access", [READ, WRITE])
-def test_finding_pass_through_supervisor_without_sre(lab: Lab, access: Access) -> None:
+def test_regression_pass_through_supervisor_without_sre(lab: Lab, access: Access) -> None:
     s = setup(lab, PT, sre=0)
     lab.check(s.rtaddr, s.req(HPA + 0x40, access, priv=True))
 
 
-@finding("hw/i386/intel_iommu.c vtd_as_pt_enabled()/vtd_dev_pt_enabled()",
-         "in legacy mode the PASID address spaces follow the context entry's TT: with "
-         "TT=10b (pass-through) they take the no-DMAR fast path and a request-with-PASID "
-         "reaches memory instead of faulting RTA.2 (0x31)")
+# Was a finding of this suite; fixed in 0002 (vtd_as_pt_enabled: no fast path for legacy PASID).
 @pytest.mark.parametrize("priv", [False, True])
-def test_finding_legacy_pass_through_request_with_pasid(lab: Lab, priv: bool) -> None:
+def test_regression_legacy_pass_through_request_with_pasid(lab: Lab, priv: bool) -> None:
     t = lab.tables()
     rtaddr = t.legacy()
     t.legacy_device(rtaddr, SID, TT=2)
     lab.check(rtaddr, DmaRequest(SID, Iova(HPA + 0x40), WRITE, PASID, priv))
 
 
-@finding("hw/i386/intel_iommu.c vtd_do_iommu_translate()/vtd_dev_to_context_entry()",
-         "a request-with-PASID is translated although the scalable-mode context entry has "
-         "PASIDE=0 (SCT.6, 0x45 expected)")
-def test_finding_paside_clear(lab: Lab) -> None:
+# Was a finding of this suite; fixed in 0002 (vtd_ce_pasid_check: SCT.6).
+def test_regression_paside_clear(lab: Lab) -> None:
     s = setup(lab, SS, ctx={"PASIDE": 0})
     s.map(IOVA, HPA)
     lab.check(s.rtaddr, s.req(IOVA + 0x40, WRITE), watch=(HPA + 0x40,), spec=True)
 
 
-@finding("hw/i386/intel_iommu.c vtd_do_iommu_translate()/vtd_ce_get_pasid_fpd()",
-         "a PASID beyond the context entry's PASID-directory size (PDTS) indexes past the "
-         "directory and is translated through whatever lies there (SCT.7, 0x46 expected)")
-def test_finding_pasid_beyond_pdts(lab: Lab) -> None:
+# Was a finding of this suite; fixed in 0002 (vtd_ce_pasid_check: SCT.7).
+def test_regression_pasid_beyond_pdts(lab: Lab) -> None:
     s = setup(lab, SS, 0x2000)  # PDTS=0: 128 directory entries, PASIDs up to 0x1FFF
     s.map(IOVA, HPA)
     lab.check(s.rtaddr, s.req(IOVA + 0x40, WRITE), watch=(HPA + 0x40,), spec=True)
 
 
-@finding("hw/misc/hvt_pci.c hvt_run() (MEM2DEV)",
-         "a refused read is made with address_space_read() straight into the SRAM, which "
-         "QEMU fills with the unassigned-read value: the faulting chunk's SRAM bytes become "
-         "zeros although no data arrived (MEM2MEM reads into a bounce buffer and is clean)")
-def test_finding_read_fault_clobbers_sram(lab: Lab) -> None:
+# Was a finding of this suite; fixed in 0003 (hvt_run: MEM2DEV reads through a buffer).
+def test_regression_read_fault_clobbers_sram(lab: Lab) -> None:
     s = setup(lab, FS)
     lab.bench.program(s.rtaddr)
     dev = lab.bench.hvt
@@ -1018,17 +996,6 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     return Scenario(pgtt, pasid, sre, wpe, tuple(mappings), tuple(probes), mutation)
 
 
-def known_finding(s: Setup, request: DmaRequest, outcome: Outcome) -> str | None:
-    """A case one of the strict-xfail findings above covers (the random batch does not run
-    it again: it would fail for that known reason)."""
-    if not isinstance(outcome, Fault) or outcome.code != R.SM_SRE_CLEAR:
-        return None
-    pte = [st.entry for st in outcome.steps if st.table == PasidTableEntry.NAME][-1]
-    if PasidTableEntry.get(pte, "PGTT") == PT:
-        return "pass-through supervisor request without SRE"
-    return None
-
-
 def _random_case(lab: Lab, sc: Scenario) -> None:
     s = setup(lab, sc.pgtt, sc.pasid, sre=sc.sre, wpe=sc.wpe)
     for m in sc.mappings if sc.pgtt != PT else ():
@@ -1060,10 +1027,6 @@ def _random_case(lab: Lab, sc: Scenario) -> None:
     for p in sc.probes:
         request = s.req(p.iova, p.access, p.priv)
         outcome = lab.model(s.rtaddr, request)
-        known = known_finding(s, request, outcome)
-        if known is not None:
-            event(f"skipped, a known finding: {known}")
-            continue
         if isinstance(outcome, Translation) and not in_targets(outcome.output, p.count) \
                 and p.access is WRITE:
             request = s.req(p.iova, READ, p.priv)

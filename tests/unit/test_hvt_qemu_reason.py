@@ -177,14 +177,15 @@ def test_second_stage_only_keeps_the_stock_codes() -> None:
     assert reasons(c, R.SM_SS_NOT_PRESENT, priv=True) == (0x06, 0x06)
 
 
-def test_known_gaps_are_not_detected() -> None:
-    """PASIDE and PDTS are not checked by the patched QEMU either (the integration suite's
-    strict xfails pin what it does instead)."""
+def test_paside_and_pdts_are_detected_by_the_patched_qemu_only() -> None:
+    """SCT.6/SCT.7 for requests-with-PASID: the series checks them, stock QEMU does not."""
     c = case(Pgtt.SECOND_STAGE)
     ce = c.t.context_address(c.rtaddr, SID)
     assert ce is not None
     c.t.mem.write_u64(ce, c.t.mem.read_u64(ce) & ~(1 << 3))  # PASIDE=0
-    assert reasons(c, R.SM_PASIDE_CLEAR) == (None, None)
+    assert reasons(c, R.SM_PASIDE_CLEAR) == (0x45, None)
+    c.t.mem.write_u64(ce, c.t.mem.read_u64(ce) | 1 << 3)
+    assert reasons(c, R.SM_PASID_BEYOND_PDTS, pasid=1 << 19) == (0x46, None)
     assert QEMU_PATCHED_NOTES and QEMU_NOTES
 
 
