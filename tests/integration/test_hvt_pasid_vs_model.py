@@ -865,6 +865,16 @@ def test_regression_paside_clear(lab: Lab) -> None:
     lab.check(s.rtaddr, s.req(IOVA + 0x40, WRITE), watch=(HPA + 0x40,), spec=True)
 
 
+# The first SCT.6 fix also refused requests-without-PASID once they had become RID_PASID
+# requests, so no guest with a scalable-mode vIOMMU booted; PASIDE concerns tagged ones only.
+@pytest.mark.parametrize("pgtt", [SS, FS])
+def test_regression_paside_clear_leaves_requests_without_pasid_alone(lab: Lab,
+                                                                     pgtt: Pgtt) -> None:
+    s = setup(lab, pgtt, None, ctx={"PASIDE": 0})
+    s.map(IOVA, HPA)
+    translates(lab.check(s.rtaddr, s.req(IOVA + 0x40, WRITE)), HPA + 0x40)
+
+
 # Was a finding of this suite; fixed in 0002 (vtd_ce_pasid_check: SCT.7).
 def test_regression_pasid_beyond_pdts(lab: Lab) -> None:
     s = setup(lab, SS, 0x2000)  # PDTS=0: 128 directory entries, PASIDs up to 0x1FFF
