@@ -36,13 +36,14 @@ test: image lint qemu-patched
 test-fast: venv
 	$(PY) -m pytest -q tests/unit
 
-bench: image
+bench: image qemu-patched
 	$(PY) bench/boot_time.py
 	$(PY) bench/batch_translate.py
 	$(PY) bench/transport.py
 	$(PY) bench/recovery.py
 	$(PY) bench/vhost_blk.py
 	$(PY) bench/dirty_sets.py
+	$(PY) bench/hvt_bounce.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
