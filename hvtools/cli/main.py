@@ -533,5 +533,9 @@ from hvtools.cli.qemu_cmds import register as register_qemu_cmds  # noqa: E402
 
 register_qemu_cmds(main)
 
+from hvtools.cli.hvt_cmds import register as register_hvt_cmds  # noqa: E402
+
+register_hvt_cmds(main)
+
 if __name__ == "__main__":
     run()
