@@ -139,6 +139,9 @@ def spec_options(f: F) -> F:
                      "(default trusted)."),
         click.option("--ivshmem", "ivshmem", multiple=True,
                      help="NAME:SIZE shared-memory region at /dev/shm/NAME (repeatable)."),
+        click.option("--image-variant", "image_variant", metavar="VARIANT",
+                     help="Boot a guest image variant (hvtools image build --variant), e.g. "
+                     "pasid: its kernel and initrd are written into the spec."),
     ]
     for opt in reversed(opts):
         f = opt(f)
@@ -166,6 +169,11 @@ def _build_spec(name: str, spec_file: Path | None, flags: dict[str, Any]) -> Any
         "ivshmem": [dict(zip(("name", "size"), r.split(":", 1), strict=False))
                     for r in flags.get("ivshmem") or ()] or None,
     }
+    if flags.get("image_variant"):
+        from hvtools.guest.image import find_image
+
+        img = find_image(flags["image_variant"])
+        over["kernel"], over["initrd"] = str(img.kernel), str(img.initrd)
     over = absolutize_paths({k: v for k, v in over.items() if v is not None}, Path.cwd())
     return spec_from_mapping(apply_overrides(data, over), name=name)
 
@@ -413,13 +421,16 @@ def image() -> None:
 
 @image.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even if the cached image matches.")
+@click.option("--variant", default=None, metavar="VARIANT",
+              help="A variant of the recipe (pasid: bookworm's 6.12 cloud kernel and the "
+              "hvtpasid module); default $HVTOOLS_IMAGE_VARIANT, else the plain image.")
 @json_option
-def image_build(force: bool, as_json: bool) -> None:
+def image_build(force: bool, variant: str | None, as_json: bool) -> None:
     """Build the guest image (cached by its inputs under $HVTOOLS_HOME/images)."""
     from hvtools.guest.image import build_image
 
     with _status("building guest image", enabled=not as_json) as update:
-        img = build_image(force=force, progress=update)
+        img = build_image(force=force, progress=update, variant=variant)
     if as_json:
         _emit_json(img.to_json())
     else:
@@ -427,12 +438,13 @@ def image_build(force: bool, as_json: bool) -> None:
 
 
 @image.command("show")
+@click.option("--variant", default=None, metavar="VARIANT", help="Show that variant's image.")
 @json_option
-def image_show(as_json: bool) -> None:
+def image_show(variant: str | None, as_json: bool) -> None:
     """Show the current guest image."""
     from hvtools.guest.image import find_image
 
-    img = find_image()
+    img = find_image(variant)
     if as_json:
         _emit_json(img.to_json())
         return

@@ -59,7 +59,7 @@ def patched_qemu() -> Path:
     try:
         return find_qemu(devices=["hvt-pci"]).path
     except DependencyError as err:
-        pytest.skip(f"no QEMU with hvt-pci: {err}")
+        pytest.fail(f"no QEMU with hvt-pci (make test builds it: hvtools qemu build): {err}")
 
 
 @dataclass
