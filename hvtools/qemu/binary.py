@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hvtools import paths
-from hvtools.errors import DependencyError
+from hvtools.errors import DependencyError, HvError
 
 #: The oldest QEMU whose intel-iommu has x-scalable-mode, x-pasid-mode and x-flts together.
 MIN_VERSION = (10, 0, 0)
@@ -87,7 +87,8 @@ def find_qemu(*, devices: Collection[str] = ()) -> QemuBinary:
     ``devices`` are QEMU device types a VM needs that only the patched series provides
     (:attr:`hvtools.spec.VmSpec.patched_devices`). Without them: ``$HVTOOLS_QEMU``, else the
     stock binary on PATH. With them: ``$HVTOOLS_QEMU`` if set (it must list them), else the
-    newest complete patched install that lists them all.
+    install of the current series (qemu-patches/), else -- no series to read -- the newest
+    complete patched install that lists them all.
     """
     if not devices:
         return probe_binary(qemu_path())
@@ -101,13 +102,35 @@ def find_qemu(*, devices: Collection[str] = ()) -> QemuBinary:
                                   "unset HVTOOLS_QEMU to use the patched QEMU "
                                   "(hvtools qemu build)")
         return qemu
-    for inst in patched_installs():
+    installs = patched_installs()
+    key = _series_key()
+    if key is not None:
+        # This checkout's series, never an older build of another one (it may lack fixes).
+        current = [i for i in installs if i.key == key]
+        if current and all(d in device_types(current[0].binary) for d in wanted):
+            return probe_binary(current[0].binary)
+        what = ("lacks " + ", ".join(wanted)) if current else "is not built"
+        older = f" ({len(installs)} build(s) of other series exist)" if installs else ""
+        raise DependencyError(f"this spec needs the patched QEMU ({', '.join(wanted)}); this "
+                              f"checkout's series (key {key}) {what}{older}: run "
+                              "`hvtools qemu build`")
+    for inst in installs:
         if all(d in device_types(inst.binary) for d in wanted):
             return probe_binary(inst.binary)
-    built = len(patched_installs())
-    have = f" ({built} patched build(s) exist, none with it)" if built else ""
+    have = f" ({len(installs)} patched build(s) exist, none with it)" if installs else ""
     raise DependencyError(f"this spec needs the patched QEMU ({', '.join(wanted)}){have}: "
                           "run `hvtools qemu build`")
+
+
+def _series_key() -> str | None:
+    """The key of the series hvtools would build (qemu-patches/ of this checkout, or
+    ``$HVTOOLS_QEMU_PATCHES``), or None when there is no series to read."""
+    from hvtools.qemu.build import current_key  # build imports this module
+
+    try:
+        return current_key()
+    except (HvError, OSError):
+        return None
 
 
 @functools.lru_cache(maxsize=8)

@@ -195,24 +195,50 @@ def _install(home: Path, key: str, *, built_at: float, hvt_pci: bool,
     return root
 
 
-def test_spec_with_hvt_pci_runs_on_the_newest_patched_build_that_has_it(home: Path) -> None:
-    _install(home, "1" * 16, built_at=100, hvt_pci=True)
-    _install(home, "2" * 16, built_at=200, hvt_pci=True)
-    _install(home, "3" * 16, built_at=300, hvt_pci=False)  # newest, but an empty series
+def _series(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> str:
+    """A one-patch series in ``tmp_path`` as $HVTOOLS_QEMU_PATCHES; returns its key."""
+    d = tmp_path / "series"
+    d.mkdir(exist_ok=True)
+    (d / "0001-x.patch").write_text(text)
+    monkeypatch.setenv("HVTOOLS_QEMU_PATCHES", str(d))
+    return build.current_key()
+
+
+def test_spec_with_hvt_pci_runs_on_the_current_series_build(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = _series(tmp_path, monkeypatch, "From x\n")
+    _install(home, key, built_at=100, hvt_pci=True)
+    _install(home, "2" * 16, built_at=200, hvt_pci=True)  # newer, another (older) series
     _install(home, "4" * 16, built_at=400, hvt_pci=True, complete=False)  # interrupted
-    assert [i.key for i in binary.patched_installs()] == ["3" * 16, "2" * 16, "1" * 16]
+    assert [i.key for i in binary.patched_installs()] == ["2" * 16, key]
     chosen = binary.find_qemu(devices=["hvt-pci"])
-    assert chosen.path == home / "qemu" / ("2" * 16) / "bin" / "qemu-system-x86_64"
+    assert chosen.path == home / "qemu" / key / "bin" / "qemu-system-x86_64"
     assert chosen.version == (10, 0, 2)
 
 
-def test_no_patched_build_says_what_to_run(home: Path) -> None:
+def test_a_stale_build_of_another_series_is_not_used(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = _series(tmp_path, monkeypatch, "From y\n")
+    _install(home, "2" * 16, built_at=200, hvt_pci=True)
+    with pytest.raises(DependencyError, match=rf"series \(key {key}\) is not built \(1 "
+                       r"build\(s\) of other series exist\): run `hvtools qemu build`"):
+        binary.find_qemu(devices=["hvt-pci"])
+    _install(home, key, built_at=300, hvt_pci=False)  # this series, without the device
+    with pytest.raises(DependencyError, match="lacks hvt-pci"):
+        binary.find_qemu(devices=["hvt-pci"])
+
+
+def test_without_a_series_the_newest_build_that_has_it_runs(
+        home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HVTOOLS_QEMU_PATCHES", str(tmp_path / "no-such-dir"))
     with pytest.raises(DependencyError, match=r"needs the patched QEMU \(hvt-pci\): run "
                        "`hvtools qemu build`"):
         binary.find_qemu(devices=["hvt-pci"])
-    _install(home, "5" * 16, built_at=1, hvt_pci=False)
-    with pytest.raises(DependencyError, match="1 patched build"):
-        binary.find_qemu(devices=["hvt-pci"])
+    _install(home, "1" * 16, built_at=100, hvt_pci=True)
+    _install(home, "2" * 16, built_at=200, hvt_pci=True)
+    _install(home, "3" * 16, built_at=300, hvt_pci=False)  # newest, but an empty series
+    chosen = binary.find_qemu(devices=["hvt-pci"])
+    assert chosen.path == home / "qemu" / ("2" * 16) / "bin" / "qemu-system-x86_64"
 
 
 def test_explicit_qemu_must_have_the_device(home: Path, tmp_path: Path,
