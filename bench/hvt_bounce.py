@@ -1,6 +1,6 @@
 """What the secure bounce window costs: device -> guest throughput of hvt-pci, bounce vs direct.
 
-Two guests on the patched QEMU (the qemu driver picks the newest build with hvt-pci), each with
+Two guests on the patched QEMU (the qemu driver picks this series' build), each with
 the full scalable-mode vIOMMU and one hvt-pci device bound to vfio-pci inside the guest:
 
 - a trusted VM: DEV2MEM straight into the destination buffer (VFIO_IOMMU_MAP_DMA'd), "direct";

@@ -47,7 +47,7 @@ from hvtools.iommu.structures import GstsReg
 from hvtools.iommu.walk import Access, DmaRequest, source_id
 from hvtools.memory.ramfile import q35_ram_layout
 from hvtools.qemu.binary import device_types, patched_installs
-from hvtools.qemu.build import current_install
+from hvtools.qemu.build import current_install, current_key
 from hvtools.qemu.qtest import QtestMemory, QtestQemu
 
 #: intel-iommu properties for every PGTT per PASID entry and supervisor requests (the series'
@@ -92,7 +92,7 @@ def patched_qemu_binary() -> Path:
     """The QEMU binary with the patch series (``hvt-pci``, ``x-nested``).
 
     ``$HVTOOLS_QEMU_PATCHED`` (``make test`` sets it), else the install of the current series
-    (``hvtools qemu build``), else the newest complete patched install that has ``hvt-pci``.
+    (``hvtools qemu build``) -- never an older build of another series.
     Raises :class:`DependencyError` naming the install step when there is none.
     """
     explicit = os.environ.get("HVTOOLS_QEMU_PATCHED")
@@ -102,13 +102,14 @@ def patched_qemu_binary() -> Path:
             raise DependencyError(f"HVTOOLS_QEMU_PATCHED={explicit} is not an executable")
         return path
     current = current_install()
-    if current is not None:
+    if current is not None and "hvt-pci" in device_types(current.binary):
         return current.binary
-    for inst in patched_installs():
-        if "hvt-pci" in device_types(inst.binary):
-            return inst.binary
-    raise DependencyError("no patched QEMU (hvt-pci, x-nested): run `hvtools qemu build` "
-                          "(make qemu-patched), or set HVTOOLS_QEMU_PATCHED")
+    # Never an older build of another series: it may lack the fixes the suites pin.
+    others = len(patched_installs())
+    note = f" ({others} build(s) of other series exist)" if others else ""
+    raise DependencyError(f"the patched QEMU of this checkout's series (key {current_key()}) is "
+                          f"not built{note}: run `hvtools qemu build` (make qemu-patched), or "
+                          "set HVTOOLS_QEMU_PATCHED")
 
 
 class HvtReg(IntEnum):

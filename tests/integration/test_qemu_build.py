@@ -110,8 +110,11 @@ def test_spec_with_hvt_pci_without_a_patched_build_says_what_to_run(
     res = hvtools_cli("vm", "start", "nopatch", "--device", "hvt-pci",
                       env={"HVTOOLS_HOME": str(tmp_path)})
     assert res.returncode == 2
-    assert res.stderr.strip() == ("error: this spec needs the patched QEMU (hvt-pci): run "
-                                  "`hvtools qemu build`")
+    from hvtools.qemu.build import current_key
+
+    assert res.stderr.strip() == (
+        f"error: this spec needs the patched QEMU (hvt-pci); this checkout's series (key "
+        f"{current_key()}) is not built: run `hvtools qemu build`")
     assert not (tmp_path / "vms" / "nopatch").exists()
 
 

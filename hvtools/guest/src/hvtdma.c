@@ -322,7 +322,7 @@ static int pasid_confidential(const struct dev *d, const struct kmod *k, uint8_t
                               uint8_t *dst, uint32_t len, uint64_t iova_src, uint64_t iova_dst)
 {
     uint32_t tag = PASID_VALID | k->info.pasid;
-    uint32_t other = PASID_VALID | (k->info.pasid + 1); /* within the width, not ours */
+    uint32_t other = PASID_VALID | (k->info.pasid ^ 1); /* within the width, not ours */
     struct dma_res r;
     uint32_t blocked0 = rd32(d, R_BLOCKED);
     if (rd32(d, R_WIN_CTRL) & 1)
