@@ -22,6 +22,7 @@
  * CONFIG_IO_STRICT_DEVMEM would forbid for a claimed region.
  */
 #include <linux/iommu.h>
+#include <linux/kref.h>
 #include <linux/miscdevice.h>
 #include <linux/mm.h>
 #include <linux/module.h>
@@ -52,8 +53,17 @@ struct hvtp_dev {
 	struct mutex lock; /* maps, busy, gone */
 	struct list_head maps;
 	bool busy; /* /dev/hvtpasid is open */
-	bool gone; /* the device was removed while open: the file's release frees this */
+	bool gone; /* the device was removed: ioctls fail with ENODEV */
+	struct kref ref; /* the driver's, and an open file's: the last put frees hd */
 };
+
+static void hvtp_free(struct kref *ref)
+{
+	struct hvtp_dev *hd = container_of(ref, struct hvtp_dev, ref);
+
+	pci_dev_put(hd->pdev);
+	kfree(hd);
+}
 
 static DEFINE_MUTEX(hvtp_global);
 static struct hvtp_dev *hvtp_the; /* one device: one /dev/hvtpasid */
@@ -200,6 +210,8 @@ static int hvtp_open(struct inode *inode, struct file *file)
 	if (hd->busy)
 		ret = -EBUSY; /* one user at a time: its mappings live as long as its file */
 	hd->busy = true;
+	if (!ret)
+		kref_get(&hd->ref);
 	mutex_unlock(&hd->lock);
 	file->private_data = hd;
 	return ret;
@@ -209,16 +221,13 @@ static int hvtp_release(struct inode *inode, struct file *file)
 {
 	struct hvtp_dev *hd = file->private_data;
 	struct hvtp_mapping *m, *n;
-	bool gone;
 
 	mutex_lock(&hd->lock);
 	list_for_each_entry_safe(m, n, &hd->maps, node)
 		hvtp_drop(hd, m);
 	hd->busy = false;
-	gone = hd->gone;
 	mutex_unlock(&hd->lock);
-	if (gone)
-		kfree(hd);
+	kref_put(&hd->ref, hvtp_free);
 	return 0;
 }
 
@@ -295,8 +304,9 @@ static int hvtp_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	}
 	hvtp_the = hd;
 	mutex_unlock(&hvtp_global);
-	hd->pdev = pdev;
+	hd->pdev = pci_dev_get(pdev);
 	mutex_init(&hd->lock);
+	kref_init(&hd->ref);
 	INIT_LIST_HEAD(&hd->maps);
 	hd->pasid = IOMMU_NO_PASID;
 
@@ -368,7 +378,7 @@ err_free:
 	mutex_lock(&hvtp_global);
 	hvtp_the = NULL;
 	mutex_unlock(&hvtp_global);
-	kfree(hd);
+	kref_put(&hd->ref, hvtp_free);
 	return ret;
 }
 
@@ -376,14 +386,12 @@ static void hvtp_remove(struct pci_dev *pdev)
 {
 	struct hvtp_dev *hd = pci_get_drvdata(pdev);
 	struct hvtp_mapping *m, *n;
-	bool open;
 
 	misc_deregister(&hd->misc); /* no new opens; an open file keeps hd until its release */
 	mutex_lock(&hd->lock);
 	list_for_each_entry_safe(m, n, &hd->maps, node)
 		hvtp_drop(hd, m);
 	hd->gone = true;
-	open = hd->busy;
 	mutex_unlock(&hd->lock);
 	pci_clear_master(pdev);
 	if (hd->flags & HVTP_F_PASID) {
@@ -398,8 +406,7 @@ static void hvtp_remove(struct pci_dev *pdev)
 	mutex_lock(&hvtp_global);
 	hvtp_the = NULL;
 	mutex_unlock(&hvtp_global);
-	if (!open)
-		kfree(hd);
+	kref_put(&hd->ref, hvtp_free);
 }
 
 static const struct pci_device_id hvtp_ids[] = {
