@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import IntEnum
 from types import TracebackType
 
+from hvtools.bits import BitField
 from hvtools.errors import HvTimeout, UsageError, VmError
 from hvtools.iommu.regs import CAP_REG_OFFSET, ECAP_REG_OFFSET, Q35_DMAR_BASE, IommuCaps
 from hvtools.iommu.structures import (
@@ -30,10 +32,14 @@ from hvtools.iommu.structures import (
     FSTS_REG_OFFSET,
     GCMD_REG_OFFSET,
     GSTS_REG_OFFSET,
+    IQA_REG_OFFSET,
+    IQH_REG_OFFSET,
+    IQT_REG_OFFSET,
     RTADDR_REG_OFFSET,
     FaultRecord,
     FstsReg,
     GstsReg,
+    VtdStruct,
 )
 from hvtools.iommu.walk import Access, DmaRequest, source_id
 from hvtools.memory.ramfile import q35_ram_layout
@@ -63,6 +69,11 @@ GCMD_TE = 1 << 31
 CCMD_GLOBAL = 1 << 63 | 1 << 61
 #: IOTLB_REG: IVT (bit 63) with IIRG=01b (global) in bits 61:60 (s11.4.8.1).
 IOTLB_GLOBAL = 1 << 63 | 1 << 60
+#: GCMD_REG.QIE / GSTS_REG.QIES: queued invalidation enable (s11.4.4).
+GCMD_QIE = 1 << 26
+#: IQA_REG: DW (bit 11) selects 256-bit descriptors; QS (bits 2:0) = 0 is a 4 KiB queue
+#: (s11.4.9.3).
+IQA_DW = 1 << 11
 
 
 def pci_config_address(bus: int, dev: int, fn: int, reg: int) -> int:
@@ -230,6 +241,199 @@ class IntelIommuRegs:
         self.qemu.writel(self.base + FSTS_REG_OFFSET, FstsReg.encode({"PFO": 1}))
         if FstsReg.get(self.fault_status(), "PPF"):
             raise VmError("intel-iommu: FSTS.PPF still set after clearing every fault record")
+
+
+# --------------------------------------------------------------------------------------------
+# Queued invalidation (s6.5.2): the descriptors this suite issues, and the queue
+# --------------------------------------------------------------------------------------------
+
+
+class InvDescType(IntEnum):
+    """An invalidation descriptor's type (bits 3:0 and 11:9; s6.5.2)."""
+
+    CONTEXT_CACHE = 1
+    IOTLB = 2
+    DEVICE_TLB = 3
+    INTERRUPT_ENTRY_CACHE = 4
+    WAIT = 5
+    PASID_IOTLB = 6
+    PASID_CACHE = 7
+
+
+class IotlbInvDesc(VtdStruct):
+    """IOTLB Invalidate Descriptor (s6.5.2, type 2), in a 256-bit queue slot. G: 01b
+    global, 10b domain-selective, 11b page-selective-within-domain (ADDR, AM, IH). In
+    scalable mode a page-selective-within-domain invalidation drops every first-stage and
+    nested entry of the domain, whatever its address."""
+
+    NAME = "IOTLB_INV_DSC"
+    WIDTH = 256
+    FIELDS = (
+        BitField("TYPE", 0, 3, "Descriptor type, bits 3:0 (2)"),
+        BitField("G", 4, 5, "Granularity"),
+        BitField("DW", 6, 6, "Drain writes"),
+        BitField("DR", 7, 7, "Drain reads"),
+        BitField("TYPE_HI", 9, 11, "Descriptor type, bits 6:4 (0)"),
+        BitField("DID", 16, 31, "Domain ID"),
+        BitField("AM", 64, 69, "Address mask: 2^AM pages"),
+        BitField("IH", 70, 70, "Invalidation hint: leaf entries only"),
+        BitField("ADDR", 76, 127, "Input address bits 63:12"),
+    )
+
+
+class PasidIotlbInvDesc(VtdStruct):
+    """PASID-based-IOTLB Invalidate Descriptor (s6.5.2, type 6). G: 10b PASID-selective
+    within the domain, 11b page-selective-within-PASID (ADDR, AM, IH); it drops first-stage
+    and nested entries (and, PASID-selective, second-stage and pass-through ones)."""
+
+    NAME = "P_IOTLB_INV_DSC"
+    WIDTH = 256
+    FIELDS = (
+        BitField("TYPE", 0, 3, "Descriptor type, bits 3:0 (6)"),
+        BitField("G", 4, 5, "Granularity"),
+        BitField("TYPE_HI", 9, 11, "Descriptor type, bits 6:4 (0)"),
+        BitField("DID", 16, 31, "Domain ID"),
+        BitField("PASID", 32, 51, "PASID"),
+        BitField("AM", 64, 69, "Address mask: 2^AM pages"),
+        BitField("IH", 70, 70, "Invalidation hint: leaf entries only"),
+        BitField("ADDR", 76, 127, "Input address bits 63:12"),
+    )
+
+
+class PasidCacheInvDesc(VtdStruct):
+    """PASID-cache Invalidate Descriptor (s6.5.2, type 7). G: 00b domain-selective, 01b
+    PASID-selective within the domain, 11b global. Software issues it after changing a PASID
+    entry (then a PASID-based-IOTLB invalidation), without any context-cache invalidation."""
+
+    NAME = "PC_INV_DSC"
+    WIDTH = 256
+    FIELDS = (
+        BitField("TYPE", 0, 3, "Descriptor type, bits 3:0 (7)"),
+        BitField("G", 4, 5, "Granularity"),
+        BitField("TYPE_HI", 9, 11, "Descriptor type, bits 6:4 (0)"),
+        BitField("DID", 16, 31, "Domain ID"),
+        BitField("PASID", 32, 51, "PASID"),
+    )
+
+
+class InvWaitDesc(VtdStruct):
+    """Invalidation Wait Descriptor (s6.5.2, type 5): with SW, hardware writes STATUS_DATA
+    to STATUS_ADDR once every earlier descriptor has completed."""
+
+    NAME = "INV_WAIT_DSC"
+    WIDTH = 256
+    FIELDS = (
+        BitField("TYPE", 0, 3, "Descriptor type, bits 3:0 (5)"),
+        BitField("IF", 4, 4, "Interrupt flag: a completion event"),
+        BitField("SW", 5, 5, "Status write"),
+        BitField("FN", 6, 6, "Fence: later descriptors wait for this one"),
+        BitField("PD", 7, 7, "Page-request drain"),
+        BitField("TYPE_HI", 9, 11, "Descriptor type, bits 6:4 (0)"),
+        BitField("STATUS_DATA", 32, 63, "Written to STATUS_ADDR"),
+        BitField("STATUS_ADDR", 66, 127, "Status address bits 63:2"),
+    )
+
+
+#: The descriptors above, for round-trip tests.
+INV_DESCRIPTORS: tuple[type[VtdStruct], ...] = (
+    IotlbInvDesc, PasidIotlbInvDesc, PasidCacheInvDesc, InvWaitDesc)
+
+
+class InvalidationQueue:
+    """The queued-invalidation interface of a remapping unit (s6.5.2, registers s11.4.9).
+
+    The queue is one 4 KiB page of guest RAM at ``base``: 128 256-bit descriptors
+    (IQA_REG.DW=1, QS=0; scalable mode's PASID descriptors need the 256-bit format).
+    :meth:`submit` appends descriptors and an Invalidation Wait Descriptor that writes a new
+    token to the dword at ``status``, moves IQT_REG and waits for the token and IQH_REG =
+    IQT_REG. While the queue is enabled the unit refuses register-based invalidation
+    (CCMD_REG, IOTLB_REG): :meth:`disable` (or leaving :meth:`enabled`) brings it back.
+    """
+
+    SLOTS = 128
+    SLOT = 32
+
+    def __init__(self, regs: IntelIommuRegs, base: int, status: int) -> None:
+        if base & 0xFFF or status & 3 or base <= status < base + 0x1000:
+            raise UsageError(f"queue {base:#x} must be 4 KiB aligned and status {status:#x} "
+                             "a dword outside it")
+        self.regs = regs
+        self.qemu = regs.qemu
+        self.base = base
+        self.status = status
+        self.tail = 0
+        self.token = 0
+
+    def _reg64(self, offset: int) -> int:
+        return self.qemu.readq(self.regs.base + offset)
+
+    def _until(self, what: str, done: Callable[[], bool]) -> None:
+        for _ in range(1000):
+            if done():
+                return
+        raise HvTimeout(f"intel-iommu: {what} did not take effect (GSTS {self.regs.gsts():#x})")
+
+    def enabled_status(self) -> bool:
+        """GSTS.QIES."""
+        return bool(GstsReg.get(self.regs.gsts(), "QIES"))
+
+    def enable(self) -> None:
+        """IQT_REG = 0 and IQA_REG (base, DW=1, QS=0) while disabled, then GCMD.QIE and wait
+        for GSTS.QIES (s6.5.2, s11.4.4.1)."""
+        if self.enabled_status():
+            raise VmError("intel-iommu: queued invalidation is already enabled")
+        self.qemu.writeq(self.regs.base + IQT_REG_OFFSET, 0)
+        self.qemu.writeq(self.regs.base + IQA_REG_OFFSET, self.base | IQA_DW)
+        self.qemu.memset(self.base, 0x1000)
+        self.tail = 0
+        self.regs.global_command(GCMD_QIE)
+        self._until("QIE", self.enabled_status)
+
+    def disable(self) -> None:
+        """GCMD.QIE=0 and wait for GSTS.QIES to clear (the queue must be idle: QEMU also wants
+        the last descriptor to have been a wait descriptor, which :meth:`submit` ensures)."""
+        self.regs.global_command(clear_bits=GCMD_QIE)
+        self._until("QIE off", lambda: not self.enabled_status())
+
+    @contextmanager
+    def enabled(self) -> Iterator[InvalidationQueue]:
+        """The queue enabled for the duration, register-based invalidation afterwards."""
+        self.enable()
+        try:
+            yield self
+        finally:
+            self.disable()
+
+    def submit(self, *descriptors: int) -> None:
+        """Queue ``descriptors`` (256-bit values) and a status-writing wait descriptor, move
+        IQT_REG and wait until the unit has processed them all. Raises :class:`VmError` with
+        IQH_REG and the descriptor there on an invalidation queue error (FSTS.IQE)."""
+        self.token = (self.token + 1) & 0xFFFF_FFFF or 1
+        wait = InvWaitDesc.encode({"TYPE": InvDescType.WAIT, "SW": 1, "FN": 1,
+                                   "STATUS_DATA": self.token,
+                                   "STATUS_ADDR": self.status >> 2})
+        batch = [*descriptors, wait]
+        if len(batch) >= self.SLOTS:
+            raise UsageError(f"{len(batch)} descriptors do not fit a {self.SLOTS}-slot queue")
+        self.qemu.writel(self.status, 0)
+        for desc in batch:
+            self.qemu.memwrite(self.base + self.tail * self.SLOT,
+                               desc.to_bytes(self.SLOT, "little"))
+            self.tail = (self.tail + 1) % self.SLOTS
+        self.qemu.writeq(self.regs.base + IQT_REG_OFFSET, self.tail << 5)
+        deadline = time.monotonic() + 5.0
+        while self.qemu.readl(self.status) != self.token \
+                or self._reg64(IQH_REG_OFFSET) != self.tail << 5:
+            if FstsReg.get(self.regs.fault_status(), "IQE"):
+                head = self._reg64(IQH_REG_OFFSET) >> 5
+                bad = int.from_bytes(self.qemu.memread(self.base + head * self.SLOT,
+                                                       self.SLOT), "little")
+                raise VmError(f"intel-iommu: invalidation queue error at IQH slot {head} "
+                              f"(descriptor {bad:#066x})")
+            if time.monotonic() > deadline:
+                raise HvTimeout(f"intel-iommu: invalidation queue stuck at IQH "
+                                f"{self._reg64(IQH_REG_OFFSET):#x}, IQT {self.tail << 5:#x}")
+            self.qemu.clock_step()
 
 
 @dataclass(frozen=True)
