@@ -21,8 +21,8 @@ Where the patched QEMU and the model disagree and the specification sides with t
 the C is wrong: the six such findings so far were fixed in the series and are kept as
 regression tests, like the four findings of the series' review (requests-with-PASID into the
 interrupt range, PASID-cache invalidation, nested IOTLB invalidation, address spaces per
-PASID without bound; fixed in c7ad054). Findings still open are strict xfails
-(:func:`open_finding`). Stock departures that the series leaves alone are
+PASID without bound; fixed in c7ad054) and the two after it (pass-through requests into the
+interrupt range). Stock departures that the series leaves alone are
 in ``QEMU_NOTES`` and are steered around (or pinned) by test_vtd_vs_qemu.py.
 
 Guest RAM (256 MiB): the invalidation queue and its status dword at 15 MiB, tables in
@@ -977,25 +977,11 @@ def test_regression_pasid_request_in_interrupt_range(lab: Lab, pgtt: Pgtt) -> No
     assert lab.bench.hvt.reg(HvtReg.ID) == HVT_ID_VALUE, "QEMU stopped answering"
 
 
-def open_finding(reason: str) -> pytest.MarkDecorator:
-    """A disagreement this suite found in the current series, where the specification sides
-    with the model: a strict xfail that only a :class:`Disagreement` satisfies, to become a
-    regression test once the C is fixed."""
-    return pytest.mark.xfail(strict=True, raises=Disagreement,
-                             reason=f"open finding in the series: {reason}")
-
-
-@pytest.mark.parametrize("priv", [
-    pytest.param(False, marks=open_finding(
-        "0x87 is recorded with FI = the offset inside the interrupt window (0x5 for "
-        "FEE0_5040h), not the request's page (vtd_report_ir_illegal_access passes the "
-        "MemoryRegion offset; stock code, reached only by requests-with-PASID)")),
-    pytest.param(True, marks=open_finding(
-        "a supervisor request-with-PASID under PGTT=pass-through into FEEx_xxxxh is not "
-        "blocked: its address space never takes the pass-through path (so the vtd-no-ir "
-        "window is off) and the slow path's pass-through has no interrupt-range check; "
-        "the write reaches the MSI window, bypassing interrupt remapping (SGN.8, 0x87)")),
-], ids=["user", "supervisor"])
+# Both cases were findings of this suite in the review round: FI held the offset inside the
+# interrupt window (vtd_report_ir_illegal_access), and a supervisor pass-through request was
+# not blocked at all (the slow path's pass-through had no interrupt-range check). Fixed in
+# 0002.
+@pytest.mark.parametrize("priv", [False, True], ids=["user", "supervisor"])
 def test_pass_through_pasid_request_in_interrupt_range(lab: Lab, priv: bool) -> None:
     """s3.15: a request-with-PASID into FEEx_xxxxh processed with pass-through translation is
     blocked with SGN.8 (0x87), user or supervisor, and nothing is written."""
