@@ -32,18 +32,19 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from types import TracebackType
 
 from hvtools.bits import BitField, BitStruct
-from hvtools.control.vtd_qtest import DmaResult, IntelIommuRegs, pci_config_address
+from hvtools.control.vtd_qtest import (
+    DmaResult,
+    IntelIommuRegs,
+    QtestIommuBench,
+    pci_config_address,
+)
 from hvtools.errors import DependencyError, HvTimeout, UsageError, VmError
-from hvtools.iommu.regs import IommuCaps
-from hvtools.iommu.structures import GstsReg
 from hvtools.iommu.walk import Access, DmaRequest, source_id
 from hvtools.memory.ramfile import q35_ram_layout
 from hvtools.qemu.binary import device_types, patched_installs
@@ -495,7 +496,7 @@ class HvtVtdResult:
     iommu: DmaResult
 
 
-class HvtQtestBench:
+class HvtQtestBench(QtestIommuBench):
     """A q35 QEMU (the patched binary) with ``intel-iommu,<iommu_props>`` and hvt-pci
     functions under qtest; ``iommu_props=None`` leaves the IOMMU out.
 
@@ -534,15 +535,6 @@ class HvtQtestBench:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    def start(self) -> HvtQtestBench:
-        self.qemu.start()
-        try:
-            self._setup()
-        except BaseException:
-            self.qemu.close()
-            raise
-        return self
-
     def _setup(self) -> None:
         self.ecam.enable()
         for dev in self.devices:
@@ -564,46 +556,6 @@ class HvtQtestBench:
         """Whether PCIEXBAR still has its enable bit (a reset clears it)."""
         self.qemu.outl(0xCF8, pci_config_address(0, 0, 0, PCIEXBAR))
         return bool(self.qemu.inl(0xCFC) & 1)
-
-    def close(self) -> int | None:
-        return self.qemu.close()
-
-    def __enter__(self) -> HvtQtestBench:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    @property
-    def caps(self) -> IommuCaps:
-        return self.iommu.caps
-
-    # -- the remapping unit -----------------------------------------------------------------
-
-    def program(self, rtaddr: int) -> None:
-        """Make ``rtaddr`` the live root table: SRTP, global context-cache and IOTLB
-        invalidation (s6.5.1), TE=1, no pending fault."""
-        self.iommu.set_root(rtaddr)
-        self.invalidate()
-        self.iommu.set_translation(True)
-        self.iommu.clear_faults()
-
-    def invalidate(self) -> None:
-        """Global context-cache and IOTLB invalidation (after tables changed)."""
-        self.iommu.invalidate_context_global()
-        self.iommu.invalidate_iotlb_global()
-
-    @contextmanager
-    def untranslated(self) -> Iterator[None]:
-        """Translation off (TE=0) for the duration: bus addresses are GPAs."""
-        was_on = bool(GstsReg.get(self.iommu.gsts(), "TES"))
-        self.iommu.set_translation(False)
-        try:
-            yield
-        finally:
-            if was_on:
-                self.iommu.set_translation(True)
 
     # -- DMA --------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from types import TracebackType
+from typing import Self
 
 from hvtools.bits import BitField
 from hvtools.errors import HvTimeout, UsageError, VmError
@@ -451,7 +452,71 @@ class DmaResult:
         return [FaultRecord.decode(r) for r in self.records]
 
 
-class VtdQtestBench:
+class QtestIommuBench:
+    """What every qtest bench with QEMU's intel-iommu shares: start (the subclass's
+    :meth:`_setup`, closing QEMU if it fails), close, the context-manager protocol and the
+    remapping unit's programming. Subclasses set :attr:`qemu` and :attr:`iommu`."""
+
+    qemu: QtestQemu
+    iommu: IntelIommuRegs
+
+    def _setup(self) -> None:
+        """Set the machine up once QEMU runs (devices, pending faults)."""
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        self.qemu.start()
+        try:
+            self._setup()
+        except BaseException:
+            self.qemu.close()
+            raise
+        return self
+
+    def close(self) -> int | None:
+        return self.qemu.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def caps(self) -> IommuCaps:
+        return self.iommu.caps
+
+    # -- programming ------------------------------------------------------------------------
+
+    def program(self, rtaddr: int) -> None:
+        """Make ``rtaddr`` the live root table and forget everything cached: SRTP, global
+        context-cache and IOTLB invalidation (s6.5.1), then TE=1 and no pending fault."""
+        self.iommu.set_root(rtaddr)
+        self.invalidate()
+        self.iommu.set_translation(True)
+        self.iommu.clear_faults()
+
+    def invalidate(self) -> None:
+        """Global context-cache and IOTLB invalidation (after tables changed)."""
+        self.iommu.invalidate_context_global()
+        self.iommu.invalidate_iotlb_global()
+
+    @contextmanager
+    def untranslated(self) -> Iterator[None]:
+        """Translation off (TE=0) for the duration: DMA addresses are GPAs. TE goes back to
+        what it was, and QEMU drops its caches on both switches."""
+        was_on = bool(GstsReg.get(self.iommu.gsts(), "TES"))
+        self.iommu.set_translation(False)
+        try:
+            yield
+        finally:
+            if was_on:
+                self.iommu.set_translation(True)
+
+
+class VtdQtestBench(QtestIommuBench):
     """A q35 QEMU with ``intel-iommu,<iommu_props>`` and ``edu`` at ``edu_bdf`` under qtest.
 
     ``staging`` is a 4 KiB RAM page the bench keeps for itself (edu buffer transfers); the
@@ -479,59 +544,9 @@ class VtdQtestBench:
             raise UsageError(f"staging page {staging:#x} is not in RAM")
         self.staging = staging
 
-    # -- life cycle -------------------------------------------------------------------------
-
-    def start(self) -> VtdQtestBench:
-        self.qemu.start()
-        try:
-            self.edu.setup()
-            self.iommu.clear_faults()
-        except BaseException:
-            self.qemu.close()
-            raise
-        return self
-
-    def close(self) -> int | None:
-        return self.qemu.close()
-
-    def __enter__(self) -> VtdQtestBench:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
-
-    @property
-    def caps(self) -> IommuCaps:
-        return self.iommu.caps
-
-    # -- programming ------------------------------------------------------------------------
-
-    def program(self, rtaddr: int) -> None:
-        """Make ``rtaddr`` the live root table and forget everything cached: SRTP, global
-        context-cache and IOTLB invalidation (s6.5.1), then TE=1 and no pending fault."""
-        self.iommu.set_root(rtaddr)
-        self.iommu.invalidate_context_global()
-        self.iommu.invalidate_iotlb_global()
-        self.iommu.set_translation(True)
+    def _setup(self) -> None:
+        self.edu.setup()
         self.iommu.clear_faults()
-
-    def invalidate(self) -> None:
-        """Global context-cache and IOTLB invalidation (after tables changed)."""
-        self.iommu.invalidate_context_global()
-        self.iommu.invalidate_iotlb_global()
-
-    @contextmanager
-    def untranslated(self) -> Iterator[None]:
-        """Translation off (TE=0) for the duration: DMA addresses are GPAs. TE goes back to
-        what it was, and QEMU drops its caches on both switches."""
-        was_on = bool(GstsReg.get(self.iommu.gsts(), "TES"))
-        self.iommu.set_translation(False)
-        try:
-            yield
-        finally:
-            if was_on:
-                self.iommu.set_translation(True)
 
     def load_buffer(self, data: bytes, offset: int = 0) -> None:
         """Put ``data`` into edu's buffer at ``offset`` (an untranslated DMA read)."""

@@ -983,8 +983,13 @@ def qemu_reason(fault: Fault, request: DmaRequest, caps: IommuCaps | None = None
     if pasid_entries and not _qemu_pgtt_ok(pasid_entries[-1], caps, patched):
         return FaultReason.SM_PASID_ENTRY_INVALID  # checked before P, reserved bits, walks
     if patched:
-        return _qemu_patched_reason(fault, request, caps, pasid_entries)
-    level_code = _qemu_level_checks(fault, request)
+        nested = bool(pasid_entries) and PasidTableEntry.get(pasid_entries[-1], "PGTT") \
+            == Pgtt.NESTED
+        level_code = _qemu_patched_level_checks(fault, request, pasid_entries, nested)
+        if level_code is None and nested and code in _QEMU_PATCHED_NESTED:
+            return code
+    else:
+        level_code = _qemu_level_checks(fault, request)
     if level_code is not None:
         return level_code
     if reason in (FaultReason.SS_RESERVED, FaultReason.SM_SS_RESERVED) and _qemu_snp_only(
@@ -1000,7 +1005,7 @@ def qemu_reason(fault: Fault, request: DmaRequest, caps: IommuCaps | None = None
         return 0x85 if fault.stage is Stage.VTD_FIRST else 0x05
     if reason in _QEMU_RENUMBERED:
         return _QEMU_RENUMBERED[reason]
-    return code if code in _QEMU_SAME else None
+    return code if code in (_QEMU_PATCHED_SAME if patched else _QEMU_SAME) else None
 
 
 def _qemu_pgtt_ok(pte: int, caps: IommuCaps | None, patched: bool = False) -> bool:
@@ -1082,34 +1087,6 @@ QEMU_PATCHED_NOTES = (
     "Supervisor address spaces, and requests-with-PASID in legacy mode, never take the "
     "pass-through fast path (the differential suite found both; fixed in 0002).",
 )
-
-
-def _qemu_patched_reason(fault: Fault, request: DmaRequest, caps: IommuCaps | None,
-                         pasid_entries: list[int]) -> int | None:
-    """:func:`qemu_reason` for the patched QEMU (after the PASID-entry type check)."""
-    code = fault.code
-    nested = bool(pasid_entries) and PasidTableEntry.get(pasid_entries[-1], "PGTT") \
-        == Pgtt.NESTED
-    level_code = _qemu_patched_level_checks(fault, request, pasid_entries, nested)
-    if level_code is not None:
-        return level_code
-    reason = FaultReason(code)
-    if nested and code in _QEMU_PATCHED_NESTED:
-        return code
-    if reason in (FaultReason.SS_RESERVED, FaultReason.SM_SS_RESERVED) and _qemu_snp_only(
-            fault, reason, caps):
-        return None
-    if reason is FaultReason.ADDRESS_BEYOND_AW and any(
-            s.table == ContextEntry.NAME and ContextEntry.get(s.entry, "TT")
-            == TranslationType.PASS_THROUGH for s in fault.steps):
-        return None
-    if code == FaultReason.SM_SS_NOT_PRESENT:
-        return 0x05 if request.write else 0x06
-    if code == FaultReason.SM_WRITE_DENIED:
-        return 0x85 if fault.stage is Stage.VTD_FIRST else 0x05
-    if reason in _QEMU_RENUMBERED:
-        return _QEMU_RENUMBERED[reason]
-    return code if code in _QEMU_PATCHED_SAME else None
 
 
 def _qemu_patched_level_checks(fault: Fault, request: DmaRequest, pasid_entries: list[int],

@@ -295,34 +295,7 @@ class QtestQemu:
     def command(self, line: str) -> list[str]:
         """Send one command line; return the words after ``OK``. IRQ lines that arrive first
         are kept in :attr:`irqs`."""
-        if self._state is not QtestState.RUNNING:
-            raise StateError(f"qtest QEMU is {self._state}; commands need "
-                             f"{QtestState.RUNNING}")
-        assert self._sock is not None and self._rfile is not None
-        try:
-            self._sock.sendall(line.encode() + b"\n")
-            while True:
-                reply = self._rfile.readline()
-                if reply is None:
-                    raise self._crashed()
-                if reply.startswith("IRQ "):
-                    self.irqs.append(reply)
-                    continue
-                break
-        except TimeoutError as err:
-            # A late answer would pair with the next command: this session is over.
-            tail = self.log_tail()
-            self._state = QtestState.CLOSED
-            self._teardown()
-            raise HvTimeout(f"qtest {line.split()[0]!r} got no answer within "
-                            f"{self.timeout:.0f}s; QEMU is closed: "
-                            f"{tail[-1] if tail else 'no output'}") from err
-        except OSError as err:
-            raise self._crashed() from err
-        words = reply.split()
-        if not words or words[0] != "OK":
-            raise QtestError(line if len(line) < 200 else line[:200] + "...", reply)
-        return words[1:]
+        return self.batch([line])[0]
 
     def batch(self, lines: Sequence[str]) -> list[list[str]]:
         """Send ``lines`` in one socket write and return the words after each ``OK``, in order.
@@ -351,11 +324,13 @@ class QtestQemu:
                     continue
                 replies.append(reply)
         except TimeoutError as err:
+            # A late answer would pair with the next command: this session is over.
             tail = self.log_tail()
             self._state = QtestState.CLOSED
             self._teardown()
-            raise HvTimeout(f"qtest batch of {len(lines)} commands got {len(replies)} answers "
-                            f"within {self.timeout:.0f}s; QEMU is closed: "
+            what = (f"qtest {lines[0].partition(' ')[0]!r} got no answer" if len(lines) == 1 else
+                    f"qtest batch of {len(lines)} commands got {len(replies)} answers")
+            raise HvTimeout(f"{what} within {self.timeout:.0f}s; QEMU is closed: "
                             f"{tail[-1] if tail else 'no output'}") from err
         except OSError as err:
             raise self._crashed() from err
